@@ -1,0 +1,31 @@
+"""gradsae: find the SAE latents that drive a language model's output, fast.
+
+GradSAE (Shu et al., EMNLP 2025) scores latent j at token t by activation x gradient,
+``z[t, j] * dY/dz[t, j]``. gradsae computes it for the active latents only, without a dense
+``[tokens, d_sae]`` tensor, with interchangeable backends (PyTorch reference, Triton, CUDA).
+"""
+
+from .backends import available_backends
+from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
+from .influence import Influence, encode_sparse, influence
+from .loading import load_sae
+from .sae import SAE
+from .stats import LatentStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAE",
+    "Influence",
+    "LatentStats",
+    "influence",
+    "encode_sparse",
+    "load_sae",
+    "available_backends",
+    "GradSAEError",
+    "SAEFormatError",
+    "InputError",
+    "CapacityError",
+    "BackendError",
+    "__version__",
+]

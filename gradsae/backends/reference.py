@@ -1,0 +1,184 @@
+"""The reference backend: plain PyTorch, any device, memory-bounded. The correctness oracle
+for the kernels and the CPU path.
+
+Memory stays bounded by a fixed element budget, whatever the number of tokens or latents:
+- the encode runs over token chunks and, inside each, over d_sae chunks; a TopK SAE keeps a
+  running top-k (per-chunk top-k merged into the best so far), a threshold SAE compacts the
+  active entries of each chunk (only active latents are ever stored);
+- the gather-dot ``W_dec[idx] . grad`` runs over row sub-chunks so the gathered rows never
+  exceed the budget either.
+No [tokens, d_sae] tensor larger than one chunk is allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CapacityError
+from . import Request, register_backend
+
+# Elements of the largest temporary (a [rows, d_sae-chunk] block or a [rows, K, d_in] gather).
+# 2^22 fp32 elements = 16 MiB.
+DEFAULT_BUDGET = 1 << 22
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype results are reported (and the gather-dot accumulated) in."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(total: int, size: int):
+    for start in range(0, total, size):
+        yield start, min(total, start + size)
+
+
+def _plan(n: int, d_sae: int, budget: int) -> tuple[int, int]:
+    """(token rows, d_sae columns) per encode block, their product within ``budget``."""
+    cols = min(d_sae, max(1024, budget // max(1, min(n, 512))))
+    rows = max(1, min(n, budget // cols))
+    return rows, cols
+
+
+def _select_topk(sae, sae_in: torch.Tensor, K: int, cols: int):
+    """Running top-K over d_sae chunks. Returns (values v, indices), [rows, K]."""
+    best_v = best_i = None
+    dec_norm = sae.decoder_norm() if sae.rescale_acts_by_decoder_norm else None
+    for c0, c1 in _chunks(sae.d_sae, cols):
+        v = torch.addmm(sae.b_enc[c0:c1], sae_in, sae.W_enc[:, c0:c1])
+        if dec_norm is not None:
+            v = v * dec_norm[c0:c1].to(v.dtype)
+        kk = min(K, c1 - c0)
+        tv, ti = v.topk(kk, dim=-1)
+        ti = ti + c0
+        if best_v is None:
+            best_v, best_i = tv, ti
+        else:
+            cat_v = torch.cat([best_v, tv], dim=-1)
+            cat_i = torch.cat([best_i, ti], dim=-1)
+            keep = min(K, cat_v.shape[-1])
+            best_v, pos = cat_v.topk(keep, dim=-1)
+            best_i = cat_i.gather(-1, pos)
+    acts = best_v.relu()
+    idx = torch.where(acts > 0, best_i, torch.full_like(best_i, -1))
+    return acts, idx
+
+
+def _select_threshold(sae, sae_in: torch.Tensor, cols: int, capacity: int | None, row0: int):
+    """Active entries ``v > max(threshold, 0)``, compacted per row in ascending latent order.
+
+    Returns (values, indices), ``[rows, K]`` with K = capacity, or the fullest row's count
+    when capacity is None. Raises CapacityError when a row has more than ``capacity``.
+    """
+    thr = sae.selection_threshold()
+    dec_norm = sae.decoder_norm() if sae.rescale_acts_by_decoder_norm else None
+    rows = sae_in.shape[0]
+    rr, cc, vv = [], [], []
+    for c0, c1 in _chunks(sae.d_sae, cols):
+        v = torch.addmm(sae.b_enc[c0:c1], sae_in, sae.W_enc[:, c0:c1])
+        if dec_norm is not None:
+            v = v * dec_norm[c0:c1].to(v.dtype)
+        mask = v > thr[c0:c1].to(v.dtype)
+        r, c = mask.nonzero(as_tuple=True)
+        rr.append(r)
+        cc.append(c + c0)
+        vv.append(v[r, c])
+    r = torch.cat(rr)
+    c = torch.cat(cc)
+    v = torch.cat(vv)
+    order = torch.argsort(r, stable=True)  # rows grouped; columns stay ascending within a row
+    r, c, v = r[order], c[order], v[order]
+    counts = torch.bincount(r, minlength=rows)
+    fullest = int(counts.max()) if rows else 0
+    if capacity is not None and fullest > capacity:
+        bad = int(counts.argmax())
+        raise CapacityError(
+            f"token {row0 + bad} has {fullest} active latents but the capacity is k={capacity}; "
+            f"pass k>={fullest} (or k=None to size the output to the fullest row)"
+        )
+    K = capacity if capacity is not None else max(fullest, 1)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(r.numel(), device=r.device) - starts[r]
+    idx = torch.full((rows, K), -1, dtype=torch.int64, device=sae_in.device)
+    acts = torch.zeros((rows, K), dtype=sae_in.dtype, device=sae_in.device)
+    idx[r, slot] = c
+    acts[r, slot] = v
+    return acts, idx
+
+
+def gather_dot(
+    W_dec: torch.Tensor,
+    idx: torch.Tensor,
+    D: torch.Tensor,
+    row_scale: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    budget: int = DEFAULT_BUDGET,
+) -> torch.Tensor:
+    """``g[n, s] = row_scale[n] * col_scale[idx] * (W_dec[idx[n, s]] . D[n])``, 0 where idx < 0.
+
+    Computed in float32 (or float64 for float64 inputs) over row sub-chunks, so the gathered
+    ``[rows, K, d_in]`` block stays within ``budget`` elements.
+    """
+    n, K = idx.shape
+    acc = acc_dtype(W_dec.dtype)
+    out = torch.zeros((n, K), dtype=acc, device=idx.device)
+    if n == 0 or K == 0:
+        return out
+    safe = idx.clamp(min=0)
+    step = max(1, budget // max(1, K * W_dec.shape[1]))
+    for r0, r1 in _chunks(n, step):
+        w = W_dec[safe[r0:r1]].to(acc)  # [rows, K, d_in]
+        out[r0:r1] = torch.bmm(w, D[r0:r1].to(acc).unsqueeze(-1)).squeeze(-1)
+    if row_scale is not None:
+        out *= row_scale.to(acc).unsqueeze(-1)
+    if col_scale is not None:
+        out *= col_scale.to(acc)[safe]
+    out.masked_fill_(idx < 0, 0)
+    return out
+
+
+class ReferenceBackend:
+    """Memory-bounded PyTorch implementation; serves every input on every device."""
+
+    name = "reference"
+
+    def __init__(self, budget: int = DEFAULT_BUDGET):
+        self.budget = budget
+
+    def unsupported(self, req: Request) -> str | None:
+        return None
+
+    def _run(self, req: Request, with_grad: bool):
+        sae = req.sae
+        n = req.n
+        acc = acc_dtype(sae.dtype)
+        rows, cols = _plan(n, sae.d_sae, self.budget)
+        idx_parts, act_parts, grad_parts = [], [], []
+        for r0, r1 in _chunks(n, rows):
+            sae_in, state = sae.preprocess(req.x[r0:r1])
+            if sae.activation == "topk":
+                acts, idx = _select_topk(sae, sae_in, min(req.k, sae.d_sae), cols)
+            else:
+                acts, idx = _select_threshold(sae, sae_in, cols, req.k, r0)
+            idx_parts.append(idx)
+            act_parts.append(acts.to(acc))
+            if with_grad:
+                grad_parts.append(
+                    gather_dot(sae.W_dec, idx, req.grad[r0:r1], state.row_scale, sae.col_scale(), self.budget)
+                )
+        # Threshold SAEs sized exactly: pad every chunk to the fullest row overall.
+        K = max(p.shape[1] for p in idx_parts)
+        pad = lambda t, v: torch.nn.functional.pad(t, (0, K - t.shape[1]), value=v)  # noqa: E731
+        idx = torch.cat([pad(p, -1) for p in idx_parts])
+        acts = torch.cat([pad(p, 0) for p in act_parts])
+        grads = torch.cat([pad(p, 0) for p in grad_parts]) if with_grad else None
+        return idx, acts, grads
+
+    def select(self, req: Request):
+        idx, acts, _ = self._run(req, with_grad=False)
+        return idx, acts
+
+    def influence(self, req: Request):
+        return self._run(req, with_grad=True)
+
+
+register_backend(ReferenceBackend())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``gradsae`` CLI, one module each (see :mod:`gradsae.cli`)."""

@@ -1,0 +1,376 @@
+"""The canonical in-memory SAE.
+
+One class holds every SAE gradsae knows, whatever library wrote it:
+
+    pre    = (norm(x) - b_dec * apply_b_dec_to_input) @ W_enc + b_enc        [.., d_sae]
+    v      = pre * ||W_dec_j||   if rescale_acts_by_decoder_norm else pre
+    z      = topk:     relu(v) at the k largest v of the row, else 0
+             jumprelu: v where v > max(threshold_j, 0), else 0      (strict '>')
+             relu:     v where v > 0, else 0
+    x_hat  = denorm((z * col_scale) @ W_dec + b_dec)
+             col_scale = 1/||W_dec_j|| if rescale_acts_by_decoder_norm else 1
+
+``norm`` is one of ``none``, ``constant_norm_rescale`` (x * sqrt(d_in)/||x||) or ``layer_norm``
+((x - mean)/(std + 1e-5), decoded as x_hat * std + mean), with SAELens' exact conventions. The
+statistics of ``norm`` are taken from the (detached) input, so the decode is affine in z with a
+per-row slope ``row_scale`` (1/coefficient, std, or 1): this is what lets gradsae form
+dY/dz = row_scale * col_scale * (W_dec_j . dY/dx_hat) for the active latents only.
+
+BatchTopK SAEs are evaluated with their learned inference threshold, i.e. as ``jumprelu``
+(``activation="batchtopk"`` is accepted as an alias that requires ``threshold``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+ACTIVATIONS = ("topk", "jumprelu", "relu")
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclass
+class NormState:
+    """Per-row statistics of the input normalisation, needed to invert it on decode.
+
+    ``row_scale`` multiplies the decoded vector and ``row_shift`` is added after, so
+    ``x_out = x_hat * row_scale + row_shift``; both are ``None`` when the SAE has no
+    normalisation.
+    """
+
+    row_scale: torch.Tensor | None = None
+    row_shift: torch.Tensor | None = None
+
+    def apply(self, x_hat: torch.Tensor) -> torch.Tensor:
+        if self.row_scale is not None:
+            x_hat = x_hat * self.row_scale.unsqueeze(-1)
+        if self.row_shift is not None:
+            x_hat = x_hat + self.row_shift.unsqueeze(-1)
+        return x_hat
+
+
+@dataclass
+class SAEMeta:
+    """Where an SAE belongs: the hook it was trained on, the model, and anything else the
+    checkpoint said (kept verbatim in ``extra``)."""
+
+    hook_name: str | None = None
+    model_name: str | None = None
+    hook_layer: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SAE:
+    """A sparse autoencoder with the semantics described in this module's docstring.
+
+    Args:
+        W_enc: encoder weight, ``[d_in, d_sae]``.
+        b_enc: encoder bias, ``[d_sae]``.
+        W_dec: decoder weight, ``[d_sae, d_in]``.
+        b_dec: decoder bias, ``[d_in]``.
+        activation: ``"topk"``, ``"jumprelu"``, ``"relu"`` (or ``"batchtopk"``, evaluated as
+            ``jumprelu`` with its inference threshold).
+        k: number of latents kept per row (``topk`` only).
+        threshold: per-latent threshold ``[d_sae]`` or a scalar (``jumprelu`` only).
+        apply_b_dec_to_input: subtract ``b_dec`` from the (normalised) input before encoding.
+        normalize_activations: ``"none"``, ``"constant_norm_rescale"`` or ``"layer_norm"``.
+        rescale_acts_by_decoder_norm: rank and report latents as ``pre * ||W_dec_j||``
+            (SAELens' TopK option); decode divides by the norm again.
+        hook_name, model_name, hook_layer, metadata: where the SAE belongs (kept, not used
+            by the maths).
+
+    All weights end up on one device with one dtype (that of ``W_enc``).
+    """
+
+    def __init__(
+        self,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        activation: str = "topk",
+        k: int | None = None,
+        threshold: torch.Tensor | float | None = None,
+        *,
+        apply_b_dec_to_input: bool = True,
+        normalize_activations: str = "none",
+        rescale_acts_by_decoder_norm: bool = False,
+        hook_name: str | None = None,
+        model_name: str | None = None,
+        hook_layer: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ):
+        activation = str(activation).lower()
+        if activation == "batchtopk":
+            if threshold is None:
+                raise InputError(
+                    "activation='batchtopk' is evaluated with its inference threshold; "
+                    "pass threshold=..."
+                )
+            activation = "jumprelu"
+        if activation not in ACTIVATIONS:
+            raise InputError(
+                f"unknown activation {activation!r}; expected one of {ACTIVATIONS + ('batchtopk',)}"
+            )
+        if normalize_activations not in NORMALIZATIONS:
+            raise InputError(
+                f"unknown normalize_activations {normalize_activations!r}; "
+                f"expected one of {NORMALIZATIONS}"
+            )
+        for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not t.is_floating_point():
+                raise InputError(f"{name} must be floating point, got {t.dtype}")
+        if W_enc.dim() != 2 or W_dec.dim() != 2:
+            raise InputError(
+                f"W_enc and W_dec must be 2-D, got shapes {tuple(W_enc.shape)} and {tuple(W_dec.shape)}"
+            )
+        d_in, d_sae = W_enc.shape
+        if tuple(W_dec.shape) != (d_sae, d_in):
+            raise InputError(
+                f"W_dec has shape {tuple(W_dec.shape)} but W_enc {tuple(W_enc.shape)} implies "
+                f"[d_sae, d_in] = [{d_sae}, {d_in}]"
+            )
+        if tuple(b_enc.shape) != (d_sae,):
+            raise InputError(f"b_enc has shape {tuple(b_enc.shape)}, expected [{d_sae}]")
+        if tuple(b_dec.shape) != (d_in,):
+            raise InputError(f"b_dec has shape {tuple(b_dec.shape)}, expected [{d_in}]")
+
+        dtype, device = W_enc.dtype, W_enc.device
+        self.W_enc = W_enc.detach()
+        self.b_enc = b_enc.detach().to(device=device, dtype=dtype)
+        self.W_dec = W_dec.detach().to(device=device, dtype=dtype)
+        self.b_dec = b_dec.detach().to(device=device, dtype=dtype)
+        self.activation = activation
+
+        if activation == "topk":
+            if k is None:
+                raise InputError("a topk SAE needs k")
+            k = int(k)
+            if k < 1:
+                raise InputError(f"k must be >= 1, got {k}")
+            self.k: int | None = k
+        else:
+            self.k = None
+        if activation == "jumprelu":
+            if threshold is None:
+                raise InputError("a jumprelu SAE needs threshold")
+            thr = torch.as_tensor(threshold).detach().to(device=device, dtype=dtype)
+            if thr.dim() == 0:
+                thr = thr.expand(d_sae).clone()
+            if tuple(thr.shape) != (d_sae,):
+                raise InputError(f"threshold has shape {tuple(thr.shape)}, expected [{d_sae}] or a scalar")
+            self.threshold: torch.Tensor | None = thr
+        else:
+            self.threshold = None
+
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.normalize_activations = normalize_activations
+        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
+        self.meta = SAEMeta(hook_name, model_name, hook_layer, dict(metadata or {}))
+        self._cache: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ basic properties
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    @property
+    def hook_name(self) -> str | None:
+        return self.meta.hook_name
+
+    def __repr__(self) -> str:
+        extra = f", k={self.k}" if self.k is not None else ""
+        if self.normalize_activations != "none":
+            extra += f", normalize={self.normalize_activations}"
+        if self.rescale_acts_by_decoder_norm:
+            extra += ", rescale_acts_by_decoder_norm=True"
+        hook = f", hook={self.meta.hook_name!r}" if self.meta.hook_name else ""
+        return (
+            f"SAE(d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{extra}"
+            f"{hook}, dtype={self.dtype}, device={self.device})"
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
+        """A copy of this SAE on ``device`` and/or with weights in ``dtype``."""
+        def mv(t):
+            return None if t is None else t.to(device=device or self.device, dtype=dtype or self.dtype)
+
+        out = SAE(
+            mv(self.W_enc), mv(self.b_enc), mv(self.W_dec), mv(self.b_dec),
+            activation=self.activation, k=self.k, threshold=mv(self.threshold),
+            apply_b_dec_to_input=self.apply_b_dec_to_input,
+            normalize_activations=self.normalize_activations,
+            rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
+            hook_name=self.meta.hook_name, model_name=self.meta.model_name,
+            hook_layer=self.meta.hook_layer, metadata=self.meta.extra,
+        )
+        return out
+
+    # ------------------------------------------------------------------ derived tensors
+    def _cached(self, key: str, fn) -> torch.Tensor:
+        # Weights are treated as immutable once wrapped; the cache is keyed on their identity
+        # and version so an in-place edit (e.g. by a user steering experiment) invalidates it.
+        tag = (key, self.W_enc.data_ptr(), self.W_dec.data_ptr(), self.W_dec._version, self.W_enc._version)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == tag:
+            return hit[1]
+        val = fn()
+        self._cache[key] = (tag, val)
+        return val
+
+    def decoder_norm(self) -> torch.Tensor:
+        """``||W_dec_j||`` for every latent, ``[d_sae]`` (computed in float32 or better)."""
+        acc = torch.promote_types(self.dtype, torch.float32)
+        return self._cached("dec_norm", lambda: self.W_dec.to(acc).norm(dim=-1))
+
+    def col_scale(self) -> torch.Tensor | None:
+        """Per-latent factor of dY/dz: ``1/||W_dec_j||`` with decoder-norm rescaling, else None."""
+        if not self.rescale_acts_by_decoder_norm:
+            return None
+        return self._cached("col_scale", lambda: 1.0 / self.decoder_norm())
+
+    def selection_threshold(self) -> torch.Tensor | None:
+        """Effective strict threshold ``max(threshold_j, 0)`` for jumprelu/relu SAEs
+        (``relu(v) * (v > t)`` equals ``v * (v > max(t, 0))``); None for topk."""
+        if self.activation == "topk":
+            return None
+        if self.activation == "relu":
+            return self._cached("thr", lambda: torch.zeros(self.d_sae, device=self.device, dtype=self.dtype))
+        return self._cached("thr", lambda: self.threshold.clamp(min=0))
+
+    # ------------------------------------------------------------------ maths
+    def preprocess(self, x: torch.Tensor) -> tuple[torch.Tensor, NormState]:
+        """Normalise ``x`` and subtract ``b_dec`` (when configured): the encoder's input.
+
+        Returns ``(sae_in, norm_state)``; ``norm_state.row_scale`` is the per-row slope of the
+        decode (``None`` when there is no normalisation). Statistics are computed on a detached
+        copy, as in the paper's splice (the SAE sees ``x.detach()``).
+        """
+        x = x.to(self.dtype)
+        state = NormState()
+        if self.normalize_activations == "constant_norm_rescale":
+            xd = x.detach()
+            coeff = math.sqrt(self.d_in) / xd.norm(dim=-1)
+            x = x * coeff.unsqueeze(-1)
+            state = NormState(row_scale=1.0 / coeff)
+        elif self.normalize_activations == "layer_norm":
+            xd = x.detach()
+            mu = xd.mean(dim=-1)
+            std = (xd - mu.unsqueeze(-1)).std(dim=-1)
+            x = (x - mu.unsqueeze(-1)) / (std + LAYER_NORM_EPS).unsqueeze(-1)
+            state = NormState(row_scale=std, row_shift=mu)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x, state
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense selection values ``v`` (pre-activations, decoder-norm rescaled if configured)."""
+        sae_in, _ = self.preprocess(x)
+        v = sae_in @ self.W_enc + self.b_enc
+        if self.rescale_acts_by_decoder_norm:
+            v = v * self.decoder_norm().to(v.dtype)
+        return v
+
+    def activate(self, v: torch.Tensor) -> torch.Tensor:
+        """Apply the activation to dense selection values ``v`` ``[..., d_sae]``."""
+        if self.activation == "topk":
+            kk = min(self.k, v.shape[-1])
+            top = v.topk(kk, dim=-1)
+            return torch.zeros_like(v).scatter(-1, top.indices, top.values.relu())
+        thr = self.selection_threshold().to(v.dtype)
+        return v * (v > thr)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense latents ``z`` ``[..., d_sae]`` (reference semantics; builds the dense tensor)."""
+        self._check_x(x)
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction from dense latents ``z``. SAEs with input normalisation need the
+        input ``x`` the latents came from, to undo the normalisation."""
+        z = z.to(self.dtype)
+        if self.rescale_acts_by_decoder_norm:
+            z = z * self.col_scale().to(z.dtype)
+        x_hat = z @ self.W_dec + self.b_dec
+        return self.norm_state(x).apply(x_hat)
+
+    def norm_state(self, x: torch.Tensor | None) -> NormState:
+        """The normalisation statistics of input ``x`` (empty without normalisation)."""
+        if self.normalize_activations == "none":
+            return NormState()
+        if x is None:
+            raise InputError(
+                f"this SAE normalises its input ({self.normalize_activations}); "
+                "decode(z, x) needs the input x the latents came from"
+            )
+        return self.preprocess(x.detach())[1]
+
+    def encode_sparse(self, x: torch.Tensor, k: int | None = None, backend: str = "auto"):
+        """Sparse latents without a dense ``[..., d_sae]`` tensor.
+
+        Returns ``(indices, values)``, both ``[..., K]``: ``K = self.k`` for topk SAEs, else the
+        capacity ``k`` (or, with ``k=None``, the largest number of active latents in a row).
+        Empty slots have index -1 and value 0.
+        """
+        from .influence import encode_sparse
+
+        return encode_sparse(x, self, k=k, backend=backend)
+
+    def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction from sparse latents (``indices`` -1 = empty), no dense latents."""
+        valid = indices >= 0
+        idx = indices.clamp(min=0)
+        vals = values.to(self.dtype) * valid
+        if self.rescale_acts_by_decoder_norm:
+            vals = vals * self.col_scale().to(vals.dtype)[idx]
+        flat_idx = idx.reshape(-1, idx.shape[-1])
+        flat_val = vals.reshape(-1, idx.shape[-1])
+        x_hat = torch.nn.functional.embedding_bag(
+            flat_idx, self.W_dec, per_sample_weights=flat_val, mode="sum"
+        ).reshape(*indices.shape[:-1], self.d_in) + self.b_dec
+        return self.norm_state(x).apply(x_hat)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``decode(encode(x), x)``."""
+        return self.decode(self.encode(x), x)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            raise InputError(f"x has shape {tuple(x.shape)}; its last dimension must be d_in={self.d_in}")
+
+    # ------------------------------------------------------------------ I/O
+    def save(self, path) -> None:
+        """Write this SAE in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``)."""
+        from .loading.saelens import save_saelens
+
+        save_saelens(self, path)
+
+    @classmethod
+    def from_object(cls, obj) -> "SAE":
+        """Wrap a live SAELens ``SAE``, sparsify ``SparseCoder`` or dictionary_learning
+        dictionary as a gradsae ``SAE`` with identical encode/decode."""
+        from .loading.objects import sae_from_object
+
+        return sae_from_object(obj)

@@ -1,0 +1,1 @@
+"""Triton kernels of gradsae, installed as ``gradsae.kernels``."""

@@ -1,0 +1,56 @@
+"""Build script for gradsae.
+
+The Python package lives in ``gradsae/``; the Triton kernels live in the top-level ``kernels/``
+folder and are installed as the subpackage ``gradsae.kernels`` (a top-level ``kernels`` module
+would clash with an unrelated PyPI package of that name). Editable installs follow the same
+mapping.
+
+The CUDA extension ``gradsae._C`` (csrc/) is built only when asked: ``GRADSAE_BUILD_CUDA=1``.
+"""
+
+import os
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["gradsae", "gradsae.*"])
+packages += ["gradsae.kernels"] + [
+    "gradsae.kernels." + p for p in find_packages(where="kernels")
+]
+
+ext_modules = []
+cmdclass = {}
+if os.environ.get("GRADSAE_BUILD_CUDA", "0") not in ("", "0"):
+    from csrc.build import cuda_extension  # noqa: E402  (only needed when building CUDA)
+
+    ext, build_cls = cuda_extension()
+    ext_modules.append(ext)
+    cmdclass["build_ext"] = build_cls
+
+setup(
+    name="gradsae",
+    version="0.1.0",
+    description="Activation x gradient attribution of SAE latents (GradSAE), with fused kernels",
+    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"gradsae": "gradsae", "gradsae.kernels": "kernels"},
+    package_data={"gradsae": ["data/**/*"]},
+    include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "safetensors>=0.4",
+        "tqdm",
+        "transformers>=4.40",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout"],
+        "report": ["pandas", "pyarrow", "matplotlib"],
+        "data": ["datasets"],
+    },
+    entry_points={"console_scripts": ["gradsae = gradsae.cli:main"]},
+)
