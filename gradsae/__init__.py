@@ -7,7 +7,7 @@ GradSAE (Shu et al., EMNLP 2025) scores latent j at token t by activation x grad
 
 from .backends import available_backends
 from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
-from .influence import Influence, encode_sparse, influence
+from .influence import Influence, encode_sparse, influence, influence_at
 from .loading import load_sae
 from .sae import SAE
 from .stats import LatentStats
@@ -20,6 +20,7 @@ __all__ = [
     "LatentStats",
     "influence",
     "encode_sparse",
+    "influence_at",
     "load_sae",
     "available_backends",
     "GradSAEError",

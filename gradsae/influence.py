@@ -193,3 +193,48 @@ def encode_sparse(x: torch.Tensor, sae, k: int | None = None, backend: str = "au
     idx, acts = b.select(req)
     shape = (*lead, idx.shape[-1])
     return idx.reshape(shape), acts.reshape(shape)
+
+
+def influence_at(
+    indices: torch.Tensor,
+    acts: torch.Tensor,
+    grad: torch.Tensor,
+    sae,
+    x: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> Influence:
+    """Influence of an active set that is already known (e.g. from the forward pass of a
+    spliced model): only the gather-dot ``grads = row_scale * col_scale * (W_dec[idx] . grad)``
+    and ``scores = acts * grads`` are computed, no encode.
+
+    Args:
+        indices, acts: ``[..., K]`` as returned by :func:`encode_sparse` (-1 = empty).
+        grad: dY/d(hook output), ``[..., d_in]``.
+        x: the input the latents came from; needed only for SAEs with input normalisation.
+        backend: the backend whose gather-dot runs (one without one falls back to the
+            reference implementation).
+    """
+    sae = _as_sae(sae)
+    _check_tensor("grad", grad, sae)
+    if indices.shape[:-1] != grad.shape[:-1] or acts.shape != indices.shape:
+        raise InputError(
+            f"indices {tuple(indices.shape)}, acts {tuple(acts.shape)} and grad {tuple(grad.shape)} "
+            "must share their leading dimensions"
+        )
+    K = indices.shape[-1]
+    idx2 = indices.reshape(-1, K)
+    d2 = grad.detach().reshape(-1, sae.d_in)
+    row_scale = None
+    if sae.normalize_activations != "none":
+        if x is None:
+            raise InputError(f"this SAE normalises its input ({sae.normalize_activations}); pass x")
+        row_scale = sae.norm_state(x.reshape(-1, sae.d_in)).row_scale
+    req = Request(d2, d2, sae, K)
+    b = choose_backend(req, backend)
+    fn = getattr(b, "gather_dot", None)
+    if fn is None:
+        from .backends.reference import gather_dot as fn
+    g = fn(sae.W_dec, idx2, d2, row_scale, sae.col_scale()).reshape(indices.shape)
+    acc = g.dtype
+    a = acts.to(acc) * (indices >= 0)
+    return Influence(indices, a, g, a * g, sae.d_sae)

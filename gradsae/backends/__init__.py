@@ -119,3 +119,10 @@ def _ensure_loaded() -> None:
         except ModuleNotFoundError as e:  # module not written/installed: nothing to register
             if e.name and not e.name.startswith(__name__):
                 raise
+
+
+# Optional backend methods (used when present, reference implementation otherwise):
+#   gather_dot(W_dec, idx, D, row_scale, col_scale) -> grads [N, K]      (influence_at)
+#   decode_sparse(sae, idx, acts) -> x_hat (before de-normalisation)      (splice forward)
+#   accumulate(req, stats, mask) -> None  (fused influence + LatentStats update)
+#   describe() -> dict                     (gradsae info: versions, compiled archs, ...)
