@@ -1,0 +1,140 @@
+"""The influence op's contract: input checks, empty input, and backend dispatch."""
+
+import pytest
+import torch
+from oracle import random_sae
+
+import gradsae
+from gradsae.backends import Request, _PRIORITY, _REGISTRY, choose_backend, register_backend
+
+
+@pytest.fixture
+def sae():
+    return random_sae(8, 32, "topk", k=4)
+
+
+def test_shape_and_d_in_errors(sae):
+    x = torch.randn(3, 8)
+    with pytest.raises(gradsae.InputError, match="d_in=8"):
+        gradsae.influence(torch.randn(3, 9), torch.randn(3, 9), sae)
+    with pytest.raises(gradsae.InputError, match="grad has shape"):
+        gradsae.influence(x, torch.randn(4, 8), sae)
+    with pytest.raises(gradsae.InputError, match="torch.Tensor"):
+        gradsae.influence(x.numpy(), x, sae)
+
+
+def test_dtype_and_device_errors(sae):
+    x = torch.randn(3, 8)
+    with pytest.raises(gradsae.InputError, match="pass both in one dtype"):
+        gradsae.influence(x, x.double(), sae)
+    with pytest.raises(gradsae.InputError, match="floating-point"):
+        gradsae.influence(x.long(), x.long(), sae)
+    with pytest.raises(gradsae.InputError, match="is on meta but the SAE is on cpu"):
+        gradsae.influence(x.to("meta"), x.to("meta"), sae)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs(sae, bad):
+    x = torch.randn(3, 8)
+    y = x.clone()
+    y[1, 2] = bad
+    with pytest.raises(gradsae.InputError, match="x contains NaN or infinite"):
+        gradsae.influence(y, x, sae)
+    with pytest.raises(gradsae.InputError, match="grad contains NaN or infinite"):
+        gradsae.influence(x, y, sae)
+
+
+def test_bad_k(sae):
+    x = torch.randn(3, 8)
+    for k in (0, -2, 1.5, True):
+        with pytest.raises(gradsae.InputError, match="k must be"):
+            gradsae.influence(x, x, sae, k=k)
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_empty_input_gives_empty_result(sae, lead):
+    x = torch.randn(*lead, 8)
+    out = gradsae.influence(x, x, sae)
+    assert out.indices.shape == (*lead, 4) and out.scores.shape == (*lead, 4)
+    idx, vals = gradsae.encode_sparse(x, sae)
+    assert idx.shape == (*lead, 4)
+
+
+def test_unknown_backend_lists_registered(sae):
+    x = torch.randn(2, 8)
+    with pytest.raises(gradsae.BackendError, match="unknown backend 'nope'.*reference"):
+        gradsae.influence(x, x, sae, backend="nope")
+
+
+class _Picky:
+    """A backend that serves nothing, to check the dispatch rules."""
+
+    name = "picky"
+
+    def unsupported(self, req):
+        return "only serves requests on the moon"
+
+
+class _Echo:
+    """A backend that serves everything by delegating to the reference, counting calls."""
+
+    name = "echo"
+
+    def __init__(self):
+        self.calls = 0
+
+    def unsupported(self, req):
+        return None if req.x.shape[0] < 100 else "more than 100 rows"
+
+    def influence(self, req):
+        self.calls += 1
+        return _REGISTRY["reference"].influence(req)
+
+
+@pytest.fixture
+def extra_backends():
+    saved = list(_PRIORITY)
+    picky, echo = _Picky(), _Echo()
+    register_backend(picky, priority=0)
+    register_backend(echo, priority=1)
+    yield picky, echo
+    _PRIORITY[:] = saved
+    _REGISTRY.pop("picky", None)
+    _REGISTRY.pop("echo", None)
+
+
+def test_priority_list_and_reasons(sae, extra_backends):
+    picky, echo = extra_backends
+    x = torch.randn(5, 8)
+    out = gradsae.influence(x, x, sae)  # picky refuses, echo serves
+    assert echo.calls == 1
+    ref = gradsae.influence(x, x, sae, backend="reference")
+    torch.testing.assert_close(out.scores, ref.scores)
+    big = torch.randn(150, 8)
+    gradsae.influence(big, big, sae)  # echo refuses: reference serves
+    assert echo.calls == 1
+    with pytest.raises(gradsae.BackendError, match="backend 'picky' cannot serve.*moon"):
+        gradsae.influence(x, x, sae, backend="picky")
+
+
+def test_auto_with_nobody_lists_every_reason(sae, extra_backends):
+    saved = list(_PRIORITY)
+    _PRIORITY[:] = ["picky", "echo"]
+    try:
+        req = Request(torch.randn(200, 8), torch.randn(200, 8), sae, 4)
+        with pytest.raises(gradsae.BackendError) as e:
+            choose_backend(req)
+        assert "picky: only serves requests on the moon" in str(e.value)
+        assert "echo: more than 100 rows" in str(e.value)
+    finally:
+        _PRIORITY[:] = saved
+
+
+def test_sae_dtype_differs_from_inputs():
+    """A float32 SAE takes bfloat16 inputs (cast like SAELens does) and reports float32."""
+    sae = random_sae(8, 32, "topk", k=4)
+    x = torch.randn(3, 8).bfloat16()
+    out = gradsae.influence(x, x, sae)
+    assert out.scores.dtype == torch.float32
+    ref = gradsae.influence(x.float(), x.float(), sae)
+    torch.testing.assert_close(out.scores, ref.scores)
