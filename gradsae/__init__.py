@@ -5,6 +5,7 @@ GradSAE (Shu et al., EMNLP 2025) scores latent j at token t by activation x grad
 ``[tokens, d_sae]`` tensor, with interchangeable backends (PyTorch reference, Triton, CUDA).
 """
 
+from .accumulate import accumulate_influence
 from .backends import available_backends
 from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
 from .influence import Influence, encode_sparse, influence, influence_at
@@ -21,6 +22,7 @@ __all__ = [
     "influence",
     "encode_sparse",
     "influence_at",
+    "accumulate_influence",
     "load_sae",
     "available_backends",
     "GradSAEError",
@@ -29,4 +31,14 @@ __all__ = [
     "CapacityError",
     "BackendError",
     "__version__",
+    "score_corpus",
 ]
+
+
+def __getattr__(name):
+    # Lazy: the corpus machinery (readers, tqdm, torch.distributed) loads on first use only.
+    if name in ("score_corpus", "CorpusResult"):
+        from . import corpus
+
+        return getattr(corpus, name)
+    raise AttributeError(f"module 'gradsae' has no attribute {name!r}")

@@ -1,0 +1,251 @@
+"""Fused encode + select: the encode GEMM with the selection in its epilogue.
+
+    v = (a @ W_enc + bias) * dec_norm?        a: the encoder input [N, d_in]
+
+is computed tile by tile ([BM tokens, BN latents], fp32 accumulation) and never written.
+The grid is (token blocks x d_sae splits); program ``pid`` takes split ``pid // row_blocks``
+so the programs running at one time walk the same W_enc columns and share them through L2.
+
+- TopK: each program keeps a per-row running top-``KP`` of packed value/index keys over its
+  split (``topk.merge_running_topk``) and writes ``[N, S, KP]`` partial keys; the second
+  stage (``topk.merge_partials``) picks the final top-k. Extra memory: N x S x KP x 8 bytes.
+- Threshold (JumpReLU / ReLU): the active entries ``v > thr`` of a tile are compacted into
+  the row's slots ``[N, cap]``: positions inside the tile from a prefix sum, the row's base
+  reserved with one atomic add on its counter. Counters keep counting past ``cap``, so an
+  overflow is detected exactly (and the caller retries or raises); slots are then sorted by
+  latent index, which makes the result independent of scheduling.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .topk import EMPTY, merge_partials, merge_running_topk, pack_keys
+from .tuning import (
+    SPLIT_GRANULE,
+    encode_configs,
+    fixed_config,
+    interpreting,
+    next_pow2,
+    num_sms,
+    prune_encode_configs,
+)
+
+MAX_K = 256
+
+
+@triton.jit
+def _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
+                 HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """fp32 selection values of one [BM, BN] tile."""
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    ks = tl.arange(0, BK)
+    a_ptr = X + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
+    w_ptr = W + ks.to(tl.int64)[:, None] * stride_wk + cols[None, :]
+    for k0 in range(0, D_IN, BK):
+        k_ok = (k0 + ks) < D_IN
+        a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PREC)
+        a_ptr += BK
+        w_ptr += BK * stride_wk
+    v = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_SCALE:
+        v = v * tl.load(SCALE + cols, mask=col_ok, other=0.0)[None, :]
+    return v
+
+
+@triton.jit
+def _encode_topk_kernel(X, W, BIAS, SCALE, PART, N, D_IN, D_SAE, COLS_PER_SPLIT,
+                        stride_xm, stride_wk, stride_pm,
+                        HAS_SCALE: tl.constexpr, KP: tl.constexpr, UPCAST: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BM)
+    split = pid // row_blocks
+    rows = (pid % row_blocks) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    c_start = split * COLS_PER_SPLIT
+    c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
+    best = tl.full([BM, KP], EMPTY, dtype=tl.int64)
+    for c0 in range(c_start, c_end, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < c_end
+        v = _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
+                         HAS_SCALE, BM, BN, BK, UPCAST, PREC)
+        keys = tl.where(col_ok[None, :], pack_keys(v, cols), EMPTY)
+        best = merge_running_topk(best, keys, KP)
+    out = PART + rows.to(tl.int64)[:, None] * stride_pm + split * KP + tl.arange(0, KP)[None, :]
+    tl.store(out, best, mask=row_ok[:, None])
+
+
+@triton.jit
+def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N, D_IN, D_SAE,
+                             COLS_PER_SPLIT, CAP, stride_xm, stride_wk,
+                             HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BM)
+    split = pid // row_blocks
+    rows = (pid % row_blocks) * BM + tl.arange(0, BM)
+    row_ok = rows < N
+    c_start = split * COLS_PER_SPLIT
+    c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
+    row_base = rows.to(tl.int64)[:, None] * CAP
+    for c0 in range(c_start, c_end, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < c_end
+        v = _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
+                         HAS_SCALE, BM, BN, BK, UPCAST, PREC)
+        thr = tl.load(THR + cols, mask=col_ok, other=float("inf"))
+        hit = (v > thr[None, :]) & col_ok[None, :] & row_ok[:, None]
+        hit_i = hit.to(tl.int32)
+        n_hit = tl.sum(hit_i, axis=1)
+        pos = tl.cumsum(hit_i, axis=1) - 1
+        base = tl.atomic_add(COUNT + rows, n_hit, mask=n_hit > 0)
+        slot = base[:, None] + pos
+        ok = hit & (slot < CAP)
+        tl.store(OUT_IDX + row_base + slot, cols[None, :] + tl.zeros([BM, BN], dtype=tl.int32), mask=ok)
+        tl.store(OUT_VAL + row_base + slot, v, mask=ok)
+
+
+_topk_tuned = triton.autotune(
+    configs=encode_configs(),
+    key=["D_IN", "D_SAE", "KP", "HAS_SCALE", "UPCAST", "PREC"],
+    prune_configs_by={"early_config_prune": prune_encode_configs},
+)(_encode_topk_kernel)
+
+_threshold_tuned = triton.autotune(
+    configs=encode_configs(),
+    key=["D_IN", "D_SAE", "HAS_SCALE", "UPCAST", "PREC"],
+    reset_to_zero=["COUNT"],
+)(_encode_threshold_kernel)
+
+
+def _precision(dtype: torch.dtype) -> tuple[bool, str]:
+    """(upcast loads to fp32, tl.dot input precision) for an input dtype."""
+    if interpreting():
+        # The interpreter does half-precision arithmetic on raw bits: compute in fp32 (the
+        # products of bf16/fp16 values are exact in fp32, as on tensor cores).
+        return True, "ieee"
+    if dtype == torch.float32:
+        return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, "ieee"
+
+
+def plan_splits(n: int, d_sae: int, n_splits: int | None = None) -> tuple[int, int]:
+    """(number of d_sae splits, columns per split). Enough programs to fill the device
+    (about two per SM), never more splits than granules of d_sae."""
+    granule = SPLIT_GRANULE if not interpreting() else 64
+    granules = triton.cdiv(d_sae, granule)
+    if n_splits is None:
+        row_blocks = triton.cdiv(n, 64 if not interpreting() else 32)
+        n_splits = triton.cdiv(2 * num_sms(), row_blocks)
+    n_splits = max(1, min(int(n_splits), granules))
+    cols = triton.cdiv(granules, n_splits) * granule
+    return triton.cdiv(d_sae, cols), cols
+
+
+def _check(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor) -> None:
+    if a.dtype != W_enc.dtype:
+        raise TypeError(f"encoder input is {a.dtype} but W_enc is {W_enc.dtype}")
+    if a.shape[1] != W_enc.shape[0] or bias.shape[0] != W_enc.shape[1]:
+        raise ValueError(f"shapes do not agree: a {tuple(a.shape)}, W_enc {tuple(W_enc.shape)}, bias {tuple(bias.shape)}")
+
+
+def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
+                dec_norm: torch.Tensor | None = None, *, n_splits: int | None = None,
+                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` latents of ``v = (a @ W_enc + bias) * dec_norm`` per row, no dense ``v``.
+
+    Args:
+        a: encoder input ``[N, d_in]`` (b_dec already handled: subtracted, or folded into
+            ``bias``), in W_enc's dtype.
+        W_enc: ``[d_in, d_sae]``; bias: float32 ``[d_sae]``; dec_norm: float32 ``[d_sae]``
+            to rank by decoder-norm-rescaled values, or None.
+        k: latents per row, ``1 <= k <= 256``; the result has ``min(k, d_sae)`` slots.
+        n_splits: d_sae splits (default: enough programs to fill the device).
+        deterministic: a fixed tile configuration instead of the autotuned one (the values
+            then never depend on which configuration won a tuning run).
+
+    Returns:
+        ``(acts float32, indices int64)``, ``[N, min(k, d_sae)]``, descending by value; empty
+        slots (value not positive) hold index -1 and act 0.
+    """
+    _check(a, W_enc, bias)
+    n, d_in = a.shape
+    d_sae = W_enc.shape[1]
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k={k} is outside 1..{MAX_K}")
+    K = min(k, d_sae)
+    KP = next_pow2(K)
+    a = a.contiguous()
+    W_enc = W_enc if W_enc.stride(1) == 1 else W_enc.contiguous()
+    S, cols = plan_splits(n, d_sae, n_splits)
+    part = torch.empty((n, S, KP), dtype=torch.int64, device=a.device)
+    upcast, prec = _precision(a.dtype)
+    scale = dec_norm if dec_norm is not None else bias
+    args = (a, W_enc, bias, scale, part, n, d_in, d_sae, cols, a.stride(0), W_enc.stride(0), S * KP)
+    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, UPCAST=upcast, PREC=prec)
+    if deterministic or interpreting():
+        meta, warps, stages = fixed_config(KP)
+        grid = (triton.cdiv(n, meta["BM"]) * S,)
+        _encode_topk_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
+    else:
+        grid = lambda m: (triton.cdiv(n, m["BM"]) * S,)  # noqa: E731
+        _topk_tuned[grid](*args, **flags)
+    return merge_partials(part, K)
+
+
+def encode_threshold(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, thr: torch.Tensor,
+                     cap: int, dec_norm: torch.Tensor | None = None, *, n_splits: int | None = None,
+                     deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Active latents ``v > thr`` of ``v = (a @ W_enc + bias) * dec_norm``, compacted per row.
+
+    Args:
+        a, W_enc, bias, dec_norm, n_splits, deterministic: as in :func:`encode_topk`.
+        thr: float32 ``[d_sae]``, the strict threshold per latent.
+        cap: slots per row.
+
+    Returns:
+        ``(acts float32 [N, cap], indices int64 [N, cap], counts int64 [N])``: each row's
+        active latents in ascending index order (-1 / 0 in empty slots) and the true number
+        of active latents per row. A row with ``counts > cap`` overflowed: its slots hold an
+        arbitrary subset and the caller must retry with a larger ``cap`` or report it.
+    """
+    _check(a, W_enc, bias)
+    n, d_in = a.shape
+    d_sae = W_enc.shape[1]
+    cap = max(1, int(cap))
+    a = a.contiguous()
+    W_enc = W_enc if W_enc.stride(1) == 1 else W_enc.contiguous()
+    S, cols = plan_splits(n, d_sae, n_splits)
+    sentinel = torch.iinfo(torch.int32).max
+    out_idx = torch.full((n, cap), sentinel, dtype=torch.int32, device=a.device)
+    out_val = torch.zeros((n, cap), dtype=torch.float32, device=a.device)
+    count = torch.zeros(n, dtype=torch.int32, device=a.device)
+    upcast, prec = _precision(a.dtype)
+    scale = dec_norm if dec_norm is not None else bias
+    args = (a, W_enc, bias, scale, thr, out_idx, out_val, count, n, d_in, d_sae, cols, cap,
+            a.stride(0), W_enc.stride(0))
+    flags = dict(HAS_SCALE=dec_norm is not None, UPCAST=upcast, PREC=prec)
+    if deterministic or interpreting():
+        meta, warps, stages = fixed_config(1)
+        grid = (triton.cdiv(n, meta["BM"]) * S,)
+        _encode_threshold_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
+    else:
+        grid = lambda m: (triton.cdiv(n, m["BM"]) * S,)  # noqa: E731
+        _threshold_tuned[grid](*args, **flags)
+    # Slot order depends on which split reserved first: sort by latent index.
+    idx_sorted, order = out_idx.sort(dim=1)
+    vals = out_val.gather(1, order)
+    empty = idx_sorted == sentinel
+    idx = torch.where(empty, torch.full_like(idx_sorted, -1), idx_sorted).to(torch.int64)
+    vals = torch.where(empty, torch.zeros_like(vals), vals)
+    return vals, idx, count.to(torch.int64)
