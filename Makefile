@@ -13,7 +13,7 @@ $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade "pip>=23" setuptools wheel pybind11
 	$(PIP) torch==2.13.0 triton==3.7.1
-	$(PIP) --no-build-isolation -e ".[test,report]"
+	$(PIP) --no-build-isolation -e ".[test,report,compat]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -51,6 +51,11 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout"],
         "report": ["pandas", "pyarrow", "matplotlib"],
         "data": ["datasets"],
+        # Libraries whose SAEs / models gradsae accepts as live objects (SAE.from_object,
+        # GradSAE on a HookedTransformer); their tests skip without them. dictionary-learning
+        # is left out: it needs nnsight<0.4, which pulls a CUDA-only torchvision that does not
+        # load against the CPU torch and breaks `transformers` imports.
+        "compat": ["sae-lens>=6", "eai-sparsify>=1.1", "transformer-lens>=2"],
     },
     entry_points={"console_scripts": ["gradsae = gradsae.cli:main"]},
 )
