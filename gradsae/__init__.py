@@ -10,6 +10,7 @@ from .backends import available_backends
 from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
 from .influence import Influence, encode_sparse, influence, influence_at
 from .loading import load_sae
+from .model import Attribution, GradSAE, PromptScores, ScoreResult
 from .sae import SAE
 from .stats import LatentStats
 
@@ -24,6 +25,10 @@ __all__ = [
     "influence_at",
     "accumulate_influence",
     "load_sae",
+    "GradSAE",
+    "Attribution",
+    "PromptScores",
+    "ScoreResult",
     "available_backends",
     "GradSAEError",
     "SAEFormatError",

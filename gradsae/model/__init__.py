@@ -1,0 +1,15 @@
+"""GradSAE on transformers models: hook resolution, the spliced SAE, objectives, scoring,
+generation and interventions. Imports nothing from transformers."""
+
+from .generation import Generation, generate, score_at_trigger
+from .hooks import HookPoint, attach_replacement, resolve_hook, valid_names
+from .interventions import Intervention
+from .results import PromptScores, ScoreResult
+from .scorer import Attribution, GradSAE
+from .splice import Splice
+
+__all__ = [
+    "GradSAE", "Attribution", "PromptScores", "ScoreResult", "Generation", "Intervention",
+    "HookPoint", "Splice", "resolve_hook", "attach_replacement", "valid_names", "generate",
+    "score_at_trigger",
+]

@@ -1,0 +1,91 @@
+"""Scalar objectives Y of a model's logits, one value per example.
+
+Every objective returns ``[B]``; the scorer back-propagates their sum, so each example's
+gradient is that of its own objective (examples do not interact) and a batch gives the same
+results as its examples one by one. Positions are counted within each example's non-pad
+tokens: ``position=-1`` is its last real token, ``0`` its first, whichever side is padded.
+
+- ``predicted_prob``: softmax probability of the argmax next token at ``position`` (the paper);
+- ``logprob``: log-probability of ``target`` (a token id, or one per example) at ``position``;
+- ``loss``: mean next-token NLL over the example's real tokens;
+- ``logit_diff``: ``logit[a] - logit[b]`` at ``position``;
+- any callable ``fn(logits, input_ids, mask) -> [B]`` (or a scalar).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+
+NAMES = ("predicted_prob", "logprob", "loss", "logit_diff")
+
+
+def bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last real position of each row of ``mask`` ``[B, T]`` (left or right padding)."""
+    if not bool(mask.any(-1).all()):
+        raise InputError("an example has no real tokens (its attention_mask is all 0)")
+    T = mask.shape[1]
+    ar = torch.arange(T, device=mask.device)
+    first = torch.where(mask, ar, T).min(-1).values
+    last = torch.where(mask, ar, -1).max(-1).values
+    return first, last
+
+
+def position_index(mask: torch.Tensor, position: int) -> torch.Tensor:
+    """Absolute index ``[B]`` of ``position`` counted within each row's real tokens."""
+    first, last = bounds(mask)
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise InputError(f"position must be an int, got {position!r}")
+    pos = first + position if position >= 0 else last + 1 + position
+    if bool((pos < first).any() | (pos > last).any()):
+        n = int((last - first + 1).min())
+        raise InputError(f"position {position} is outside an example of {n} tokens")
+    return pos
+
+
+def _at(logits, mask, position):
+    pos = position_index(mask, position)
+    return logits[torch.arange(logits.shape[0], device=logits.device), pos.to(logits.device)]
+
+
+def _token_ids(name, v, B, device):
+    if v is None:
+        raise InputError(f"this objective needs {name}=<token id> (an int or one per example)")
+    t = torch.as_tensor(v, dtype=torch.long, device=device).flatten()
+    if t.numel() == 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise InputError(f"{name} has {t.numel()} entries for a batch of {B}")
+    return t
+
+
+def evaluate(objective, logits, input_ids, mask, position: int = -1, **kw) -> torch.Tensor:
+    """The objective ``[B]`` for ``logits`` ``[B, T, V]`` (float32 or better)."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    B = logits.shape[0]
+    if callable(objective):
+        y = objective(logits, input_ids, mask, **kw)
+        if not isinstance(y, torch.Tensor) or y.dim() > 1 or (y.dim() == 1 and y.shape[0] != B):
+            raise InputError("a callable objective must return a scalar or a [batch] tensor")
+        return y
+    if objective == "predicted_prob":
+        p = _at(logits, mask, position).softmax(-1)
+        return p.max(-1).values
+    if objective == "logprob":
+        t = _token_ids("target", kw.get("target"), B, logits.device)
+        return _at(logits, mask, position).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+    if objective == "logit_diff":
+        a = _token_ids("a", kw.get("a"), B, logits.device)
+        b = _token_ids("b", kw.get("b"), B, logits.device)
+        lg = _at(logits, mask, position)
+        return lg.gather(-1, a[:, None]).squeeze(-1) - lg.gather(-1, b[:, None]).squeeze(-1)
+    if objective == "loss":
+        lp = logits[:, :-1].log_softmax(-1)
+        nll = -lp.gather(-1, input_ids[:, 1:, None].to(lp.device)).squeeze(-1)
+        valid = (mask[:, :-1] & mask[:, 1:]).to(nll.dtype)
+        n = valid.sum(-1)
+        if bool((n == 0).any()):
+            raise InputError("objective 'loss' needs at least 2 real tokens per example")
+        return (nll * valid).sum(-1) / n
+    raise InputError(f"unknown objective {objective!r}; expected one of {NAMES} or a callable")

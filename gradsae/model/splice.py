@@ -1,0 +1,179 @@
+"""The SAE spliced into a model: a forward that encodes and decodes sparsely, and an autograd
+backward that yields GradSAE's activation x gradient for the active latents only.
+
+Forward, for the hook's tensor ``h`` ``[B, T, d_in]``:
+
+    idx, acts = encode_sparse(h.detach(), sae)          # active set, [B, T, K]
+    splice: out = decode_sparse(idx, acts)              # the paper: no error term
+    error:  out = h                                     # = x_hat + (h - x_hat).detach(): the
+                                                        #   model's forward is unchanged
+
+Backward, given ``D = dY/d out``: ``influence_at(idx, acts, D, sae)`` (the gather-dot
+``W_dec[idx] . D``, no second encode, no dense ``[tokens, d_sae]`` gradient) is recorded, and
+nothing flows below the hook: the function's only differentiable input is a scalar *anchor*
+that requires grad, so the graph starts at the hook. In error mode the same holds: the
+(detached) error term carries no gradient, the h path is cut, and dY/dz is the same
+``W_dec[j] . D`` as in splice mode.
+
+Interventions (:mod:`gradsae.model.interventions`) edit the active set before decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..influence import Influence, encode_sparse, influence_at
+
+MODES = ("splice", "error")
+
+
+@dataclass
+class _Entry:
+    idx: torch.Tensor
+    acts: torch.Tensor
+    x: torch.Tensor
+    influence: Influence | None = None
+
+
+@dataclass
+class Recorder:
+    """Collects, per forward through the hook, the active set and (after backward) its
+    :class:`Influence`. ``anchor`` is the scalar leaf the spliced output hangs from."""
+
+    anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
+    entries: list = field(default_factory=list)
+
+
+class _SpliceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, anchor, h, splice):  # noqa: D401 - autograd API
+        out, idx, acts, hd = splice._compute(h, clone=True)
+        entry = _Entry(idx, acts, hd)
+        splice.recorder.entries.append(entry)
+        ctx.entry = entry
+        ctx.splice = splice
+        return out
+
+    @staticmethod
+    def backward(ctx, D):
+        sp, e = ctx.splice, ctx.entry
+        sae = sp.sae
+        e.influence = influence_at(e.idx, e.acts, D.to(sae.dtype), sae, x=e.x, backend=sp.backend)
+        return None, None, None
+
+
+def delta_decode(sae, idx: torch.Tensor, dvals: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+    """``row_scale * sum_s dvals[s] * col_scale[idx[s]] * W_dec[idx[s]]``: the change of the
+    decode when the latents ``idx`` change by ``dvals`` (decode is affine in z). ``[..., d_in]``."""
+    valid = idx >= 0
+    safe = idx.clamp(min=0)
+    vals = dvals.to(sae.dtype) * valid
+    cs = sae.col_scale()
+    if cs is not None:
+        vals = vals * cs.to(vals.dtype)[safe]
+    K = idx.shape[-1]
+    out = torch.nn.functional.embedding_bag(
+        safe.reshape(-1, K), sae.W_dec, per_sample_weights=vals.reshape(-1, K), mode="sum"
+    ).reshape(*idx.shape[:-1], sae.d_in)
+    rs = sae.norm_state(x).row_scale if sae.normalize_activations != "none" else None
+    if rs is not None:
+        out = out * rs.unsqueeze(-1).to(out.dtype)
+    return out
+
+
+class Splice:
+    """The SAE at a hook point. Callable on the hook's tensor; install with :meth:`attach`.
+
+    ``recorder`` (set while attributing, with grad enabled) routes the forward through the
+    autograd function; otherwise the splice runs as a plain no-grad computation.
+    ``interventions`` (a list) edit the active set; ``last_index`` (``[B]`` or None = T-1) tells
+    interventions limited to the last position where that is per row; ``mask`` (``[B, T]`` bool
+    or None) marks real tokens: pad positions are zeroed before encoding (they never count, and
+    some attention implementations leave non-finite values there).
+    """
+
+    def __init__(self, point, sae, mode: str = "splice", backend: str = "auto"):
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        self.point = point
+        self.sae = sae
+        self.mode = mode
+        self.backend = backend
+        self.recorder: Recorder | None = None
+        self.interventions: list = []
+        self.last_index: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self._handle = None
+        self._depth = 0
+
+    # -- installation (re-entrant)
+    def attach(self) -> None:
+        if self._depth == 0:
+            self._handle = self.point.attach(self)
+        self._depth += 1
+
+    def detach(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self):
+        self.attach()
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    # -- the computation
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if h.shape[-1] != self.sae.d_in:
+            raise InputError(
+                f"the SAE's d_in={self.sae.d_in} does not match the width {h.shape[-1]} of the "
+                f"tensor at hook {self.point.name!r}; is this the SAE for this hook and model?"
+            )
+        if h.device != self.sae.device:
+            raise InputError(f"the hook's tensor is on {h.device} but the SAE is on {self.sae.device}")
+        if self.recorder is not None and torch.is_grad_enabled():
+            return _SpliceFn.apply(self.recorder.anchor, h, self)
+        if self.mode == "error" and not self.interventions:
+            return h
+        with torch.no_grad():
+            return self._compute(h, clone=False)[0]
+
+    def _positions(self, shape) -> torch.Tensor | None:
+        """Boolean ``[B, T]`` of the last position of each row (for position-limited edits)."""
+        B, T = shape[0], shape[1]
+        last = self.last_index
+        if last is None or last.shape[0] != B:
+            last = torch.full((B,), T - 1, dtype=torch.long)
+        last = last.to(self.sae.device).clamp(max=T - 1)
+        return torch.arange(T, device=self.sae.device).unsqueeze(0) == last.unsqueeze(1)
+
+    def _compute(self, h: torch.Tensor, clone: bool):
+        sae = self.sae
+        hd = h.detach()
+        if self.mask is not None and tuple(self.mask.shape) == tuple(hd.shape[:2]) and not bool(self.mask.all()):
+            hd = torch.where(self.mask.unsqueeze(-1), hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
+        idx, acts = encode_sparse(hd, sae, backend=self.backend)
+        new_acts = acts
+        extra = torch.zeros_like(hd, dtype=sae.dtype) if self.interventions else None
+        for iv in self.interventions:
+            pos = None if iv.positions == "all" else self._positions(hd.shape)
+            new_acts, d = iv.apply(sae, idx, new_acts, hd, pos)
+            extra = extra + d
+        if self.mode == "splice":
+            out = sae.decode_sparse(idx, new_acts, x=hd)
+        else:
+            out = hd.to(sae.dtype) if (clone or extra is not None) else hd
+            if new_acts is not acts:
+                out = out + delta_decode(sae, idx, new_acts - acts, hd)
+        if extra is not None:
+            out = out + extra
+        out = out.to(h.dtype)
+        if clone and out is hd:
+            out = hd.clone()
+        return out, idx, new_acts, hd
