@@ -1,0 +1,18 @@
+"""Corpus-scale GradSAE scoring: read a corpus, batch it, attribute every token, and keep
+per-latent statistics and top examples by influence, with checkpoints and torchrun support.
+
+    res = gradsae.score_corpus(model, sae, "corpus.jsonl", hook="blocks.6.hook_resid_post",
+                               tokenizer=tok, out="runs/l6")
+    res.stats.top(20)                      # LatentStats
+    res.examples.rows(latent)              # TopExamples
+
+Modules: :mod:`.data` (readers), :mod:`.batching` (tokenise, window, pack), :mod:`.examples`
+(top-N per latent), :mod:`.checkpoint` (atomic files, resume), :mod:`.distributed`
+(torch.distributed reduce), :mod:`.report` (output directory), :mod:`.run` (``score_corpus``).
+"""
+
+from .data import Corpus, open_corpus
+from .examples import TopExamples
+from .run import CorpusResult, score_corpus
+
+__all__ = ["score_corpus", "CorpusResult", "TopExamples", "open_corpus", "Corpus"]
