@@ -262,7 +262,9 @@ def write_dictionary_learning(
     torch.save(sd, folder / "ae.pt")
     trainer = {
         "dict_class": dict_class,
-        "trainer_class": "TopKTrainer" if "TopK" in dict_class else "StandardTrainer",
+        "trainer_class": {"AutoEncoderTopK": "TopKTrainer", "BatchTopKSAE": "BatchTopKTrainer",
+                          "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer",
+                          "JumpReluAutoEncoder": "JumpReluTrainer"}.get(dict_class, "StandardTrainer"),
         "activation_dim": d_in,
         "dict_size": d_sae,
         "lr": 0.0003,

@@ -292,6 +292,16 @@ def test_dictionary_learning(tmp_path, dict_class):
     assert load_sae(tmp_path / "trainer_0" / "ae.pt", format="dictionary_learning").dtype == torch.float32
 
 
+def test_dictionary_learning_intermediate_checkpoint(tmp_path):
+    # trainSAE's checkpoints/ae_<step>.pt: the run's config.json is one level up
+    w = sf.write_dictionary_learning(tmp_path / "trainer_0", "AutoEncoderTopK", D_IN, D_SAE, k=3)
+    (tmp_path / "trainer_0" / "checkpoints").mkdir()
+    (tmp_path / "trainer_0" / "ae.pt").rename(tmp_path / "trainer_0" / "checkpoints" / "ae_1000.pt")
+    sae = load_sae(tmp_path / "trainer_0" / "checkpoints" / "ae_1000.pt", dtype=F64)
+    _dl_check(sae, w, "AutoEncoderTopK", xs())
+    assert sae.k == 3
+
+
 def test_dictionary_learning_batchtopk_unset_threshold_keeps_positive_latents(tmp_path):
     w = sf.write_dictionary_learning(tmp_path / "t", "BatchTopKSAE", D_IN, D_SAE, threshold=-1.0)
     sae = load_sae(tmp_path / "t", dtype=F64)
@@ -504,6 +514,20 @@ def test_missing_file(tmp_path, missing):
     with pytest.raises(SAEFormatError, match="missing file") as e:
         load_sae(folder, format="saelens")
     assert missing in str(e.value)
+    if missing == "sae_weights.safetensors":  # detected from cfg.json alone
+        with pytest.raises(SAEFormatError, match="sae_weights.safetensors: missing file"):
+            load_sae(folder)
+
+
+def test_missing_weights_detected_from_config(tmp_path):
+    sf.write_sparsify(tmp_path / "run", "layers.0", D_IN, D_SAE, k=4)
+    (tmp_path / "run" / "layers.0" / "sae.safetensors").unlink()
+    with pytest.raises(SAEFormatError, match="sae.safetensors: missing file"):
+        load_sae(tmp_path / "run" / "layers.0")
+    sf.write_dictionary_learning(tmp_path / "t", "AutoEncoder", D_IN, D_SAE)
+    (tmp_path / "t" / "ae.pt").unlink()
+    with pytest.raises(SAEFormatError, match="ae.pt: missing file"):
+        load_sae(tmp_path / "t")
 
 
 def test_missing_config_dictionary_learning(tmp_path):

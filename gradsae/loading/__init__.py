@@ -10,12 +10,11 @@ One module per format: :mod:`.saelens`, :mod:`.sparsify`, :mod:`.gemmascope`,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import SAEFormatError
 from ..sae import SAE
-from .readers import list_dir, os_path
+from .readers import list_dir, os_path, read_json
 
 FORMATS = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
 
@@ -56,7 +55,7 @@ def detect_format(path) -> str:
             return "gemmascope"
         if p.suffix == ".pt":
             return "dictionary_learning"
-        if p.name == "cfg.json":
+        if p.name in ("cfg.json", "config.json"):
             return detect_format(p.parent)
         raise SAEFormatError(
             f"{p}: cannot tell the SAE format from this file's name; expected one of "
@@ -69,6 +68,12 @@ def detect_format(path) -> str:
         raise SAEFormatError(
             f"{p}: holds files of several SAE formats ({', '.join(sorted(set(found)))}); pass format="
         )
+    # a config without its weights: let that format's loader name the missing file
+    if (p / "cfg.json").is_file():
+        cfg = read_json(p / "cfg.json")
+        return "sparsify" if ("num_latents" in cfg or "expansion_factor" in cfg) else "saelens"
+    if (p / "config.json").is_file() and isinstance(read_json(p / "config.json").get("trainer"), dict):
+        return "dictionary_learning"
     subdirs = sorted(
         d.name for d in p.iterdir() if d.is_dir() and any((d / n).is_file() for n in _MARKERS)
     ) if p.is_dir() else []
