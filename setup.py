@@ -5,7 +5,8 @@ folder and are installed as the subpackage ``gradsae.kernels`` (a top-level ``ke
 would clash with an unrelated PyPI package of that name). Editable installs follow the same
 mapping.
 
-The CUDA extension ``gradsae._C`` (csrc/) is built only when asked: ``GRADSAE_BUILD_CUDA=1``.
+The CUDA extension ``gradsae._C`` (csrc/) is built with ``GRADSAE_BUILD_CUDA=1``, or when the
+variable is unset and both nvcc and a CUDA build of torch are present (``=0`` never builds it).
 """
 
 import os
@@ -17,9 +18,25 @@ packages += ["gradsae.kernels"] + [
     "gradsae.kernels." + p for p in find_packages(where="kernels")
 ]
 
+
+def _want_cuda() -> bool:
+    """GRADSAE_BUILD_CUDA=1 builds, =0 does not; unset: build when nvcc and a CUDA torch are here."""
+    flag = os.environ.get("GRADSAE_BUILD_CUDA", "")
+    if flag:
+        return flag != "0"
+    try:
+        import shutil
+
+        import torch
+
+        return torch.version.cuda is not None and shutil.which("nvcc") is not None
+    except ImportError:
+        return False
+
+
 ext_modules = []
 cmdclass = {}
-if os.environ.get("GRADSAE_BUILD_CUDA", "0") not in ("", "0"):
+if _want_cuda():
     from csrc.build import cuda_extension  # noqa: E402  (only needed when building CUDA)
 
     ext, build_cls = cuda_extension()

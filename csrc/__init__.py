@@ -1,0 +1,1 @@
+"""CUDA C++ sources of the extension gradsae._C and their build (csrc/build.py)."""

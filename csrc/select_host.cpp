@@ -1,0 +1,167 @@
+// Host-only driver of the selection logic in select.cuh, for tests on machines without a GPU.
+//
+// It runs exactly the functions the device kernels run (one worker instead of a warp; the
+// `lanes` command also checks the 32-lane partition of the sort network) and mirrors the
+// kernels' orchestration: per split, tiles of `bn` columns feed the top-k / threshold
+// epilogue; the split results are merged as the merge kernels do.
+//
+// Protocol: `select_host COMMAND < input > output`, little-endian binary.
+//   keys:      in  int32 n, float32 v[n], uint32 index[n]
+//              out uint64 key[n], float32 value[n], uint32 index[n]
+//   sort:      in  int32 n (power of two), uint64 key[n]       out uint64 key[n] (descending)
+//   lanes:     as sort, with the compare-exchange steps spread over 32 emulated lanes
+//   topk:      in  int32 rows, cols, k, bn, split_cols, has_thr; float32 v[rows*cols]; float32 thr[cols] if has_thr
+//              out int64 idx[rows*k], float32 val[rows*k]
+//   threshold: in  int32 rows, cols, cap, bn, split_cols; float32 v[rows*cols]; float32 thr[cols]
+//              out int32 total[rows], int64 idx[rows*cap], float32 val[rows*cap]
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vector>
+
+#include "select.cuh"
+
+using namespace gradsae;
+
+namespace {
+
+struct NoSync {
+  void operator()() const {}
+};
+struct OneLaneAny {
+  bool operator()(bool p) const { return p; }
+};
+struct OneLaneBallot {
+  uint32_t operator()(bool p) const { return p ? 1u : 0u; }
+};
+
+template <typename T>
+std::vector<T> read_n(size_t n) {
+  std::vector<T> v(n);
+  if (n && fread(v.data(), sizeof(T), n, stdin) != n) {
+    fprintf(stderr, "select_host: short input\n");
+    exit(2);
+  }
+  return v;
+}
+
+int32_t read_i32() { return read_n<int32_t>(1)[0]; }
+
+template <typename T>
+void write_all(const std::vector<T>& v) {
+  if (!v.empty()) fwrite(v.data(), sizeof(T), v.size(), stdout);
+}
+
+int cmd_keys() {
+  int n = read_i32();
+  auto v = read_n<float>(n);
+  auto ix = read_n<uint32_t>(n);
+  std::vector<uint64_t> keys(n);
+  std::vector<float> back(n);
+  std::vector<uint32_t> bix(n);
+  for (int i = 0; i < n; ++i) {
+    keys[i] = pack_key(v[i], ix[i]);
+    back[i] = key_value(keys[i]);
+    bix[i] = key_index(keys[i]);
+  }
+  write_all(keys);
+  write_all(back);
+  write_all(bix);
+  return 0;
+}
+
+int cmd_sort(bool lanes) {
+  int n = read_i32();
+  if (!is_pow2(n)) return 3;
+  auto a = read_n<uint64_t>(n);
+  if (!lanes) {
+    bitonic_sort_desc(a.data(), n, 0, 1, NoSync{});
+  } else {
+    // Every step's pairs are disjoint, so running the lanes one after another between two
+    // synchronisation points is what a warp does in parallel.
+    for (int size = 2; size <= n; size <<= 1)
+      for (int stride = size / 2; stride > 0; stride >>= 1)
+        for (int lane = 0; lane < 32; ++lane) bitonic_step_desc(a.data(), n, size, stride, lane, 32, NoSync{});
+  }
+  write_all(a);
+  return 0;
+}
+
+int cmd_topk() {
+  int rows = read_i32(), cols = read_i32(), k = read_i32(), bn = read_i32(), split_cols = read_i32();
+  int has_thr = read_i32();
+  auto v = read_n<float>((size_t)rows * cols);
+  std::vector<float> thr = has_thr ? read_n<float>(cols) : std::vector<float>();
+  const int kp = topk_pad(k), cp = kp > bn ? kp : bn;
+  const int n_splits = (cols + split_cols - 1) / split_cols;
+  std::vector<uint64_t> parts((size_t)rows * n_splits * kp), buf(cp), state(kp), scratch(kp);
+  for (int r = 0; r < rows; ++r)
+    for (int s = 0; s < n_splits; ++s) {
+      std::fill(state.begin(), state.end(), kEmptyKey);
+      const int c_end = (s + 1) * split_cols < cols ? (s + 1) * split_cols : cols;
+      for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
+        int nc = c_end - c0 < bn ? c_end - c0 : bn;
+        topk_tile_row(state.data(), buf.data(), &v[(size_t)r * cols + c0], has_thr ? &thr[c0] : nullptr,
+                      (uint32_t)c0, nc, k, kp, cp, 0, 1, NoSync{}, OneLaneAny{});
+      }
+      std::copy(state.begin(), state.end(), parts.begin() + ((size_t)r * n_splits + s) * kp);
+    }
+  std::vector<int64_t> idx((size_t)rows * k);
+  std::vector<float> val((size_t)rows * k);
+  for (int r = 0; r < rows; ++r) {
+    merge_split_topk(state.data(), scratch.data(), &parts[(size_t)r * n_splits * kp], n_splits, kp, 0, 1, NoSync{});
+    emit_topk_row(state.data(), k, &idx[(size_t)r * k], &val[(size_t)r * k], 0, 1);
+  }
+  write_all(idx);
+  write_all(val);
+  return 0;
+}
+
+int cmd_threshold() {
+  int rows = read_i32(), cols = read_i32(), cap = read_i32(), bn = read_i32(), split_cols = read_i32();
+  auto v = read_n<float>((size_t)rows * cols);
+  auto thr = read_n<float>(cols);
+  const int n_splits = (cols + split_cols - 1) / split_cols;
+  std::vector<uint64_t> parts((size_t)rows * n_splits * cap, 0xdeadbeefULL);  // garbage beyond counts
+  std::vector<int> counts((size_t)rows * n_splits);
+  for (int r = 0; r < rows; ++r)
+    for (int s = 0; s < n_splits; ++s) {
+      int count = 0;
+      const int c_end = (s + 1) * split_cols < cols ? (s + 1) * split_cols : cols;
+      for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
+        int nc = c_end - c0 < bn ? c_end - c0 : bn;
+        count = threshold_tile_row(&parts[((size_t)r * n_splits + s) * cap], count, cap, &v[(size_t)r * cols + c0],
+                                   &thr[c0], (uint32_t)c0, nc, 0, 1, OneLaneBallot{});
+      }
+      counts[(size_t)r * n_splits + s] = count;
+    }
+  std::vector<int32_t> total(rows);
+  std::vector<int64_t> idx((size_t)rows * cap, 12345);
+  std::vector<float> val((size_t)rows * cap, 12345.0f);
+  for (int r = 0; r < rows; ++r)
+    total[r] = merge_split_threshold(&parts[(size_t)r * n_splits * cap], &counts[(size_t)r * n_splits], n_splits, cap,
+                                     cap, &idx[(size_t)r * cap], &val[(size_t)r * cap], 0, 1);
+  write_all(total);
+  write_all(idx);
+  write_all(val);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    fprintf(stderr, "usage: select_host keys|sort|lanes|topk|threshold < input > output\n");
+    return 1;
+  }
+  const char* c = argv[1];
+  if (!strcmp(c, "keys")) return cmd_keys();
+  if (!strcmp(c, "sort")) return cmd_sort(false);
+  if (!strcmp(c, "lanes")) return cmd_sort(true);
+  if (!strcmp(c, "topk")) return cmd_topk();
+  if (!strcmp(c, "threshold")) return cmd_threshold();
+  fprintf(stderr, "select_host: unknown command %s\n", c);
+  return 1;
+}

@@ -1,0 +1,311 @@
+"""The ``cuda`` backend: the CUDA C++ kernels of ``csrc/`` (the pybind11 module ``gradsae._C``).
+
+The module takes raw device pointers, strides, dtype codes and the current CUDA stream, so it
+builds with nvcc alone and never links libtorch. Per call:
+
+1. ``sae.preprocess`` (normalisation, ``- b_dec``) in PyTorch, then the fused encode kernel:
+   a tensor-core GEMM tile (bf16/fp16, fp32 accumulate; SIMT fp32 for fp32 weights) whose
+   epilogue keeps each row's running top-k, or compacts the latents above threshold, per
+   split of d_sae; a merge kernel combines the splits. No ``[tokens, d_sae]`` tensor exists.
+2. The gather-dot kernel ``g = row_scale * col_scale * (W_dec[idx] . grad)``, or, for
+   :meth:`CudaBackend.accumulate`, the same kernel adding straight into a
+   :class:`~gradsae.stats.LatentStats` (atomics; a sort + per-latent segment kernel when
+   deterministic results are asked for).
+
+Threshold SAEs follow the reference's capacity rules: with ``k`` given, a row with more
+active latents raises :class:`~gradsae.errors.CapacityError`; with ``k=None`` the output is
+sized to the fullest row (an overflowing first guess is re-run at the exact size).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import CapacityError, InputError
+from . import Request, register_backend
+
+_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MODE_TOPK, MODE_THRESHOLD = 0, 1
+# Largest scratch buffer of per-split partial results (bytes); rows are chunked to fit it.
+PARTS_BUDGET = 256 << 20
+# First capacity tried for a threshold SAE sized exactly (k=None).
+INITIAL_CAPACITY = 64
+
+_lib = None
+_lib_error: str | None = None
+
+
+def _load():
+    """The compiled module, or None (the reason is kept in ``_lib_error``)."""
+    global _lib, _lib_error
+    if _lib is None and _lib_error is None:
+        try:
+            from .. import _C
+
+            _lib = _C
+        except ImportError as e:
+            _lib_error = str(e)
+    return _lib
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _rows_contig(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) with unit stride along its last dimension."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _aligned(*pairs) -> bool:
+    """16-byte vector loads are legal: base pointers 16-byte aligned, row strides multiples of 8."""
+    return all(t.data_ptr() % 16 == 0 and stride % 8 == 0 for t, stride in pairs)
+
+
+class _Launch:
+    """Device index and current stream handle for kernel launches on ``device``."""
+
+    def __init__(self, device: torch.device):
+        self.index = device.index if device.index is not None else torch.cuda.current_device()
+        self.stream = torch.cuda.current_stream(self.index).cuda_stream
+
+
+class CudaBackend:
+    """CUDA C++ kernels (``gradsae._C``) for top-k (k <= 256) and threshold SAEs on GPUs of
+    compute capability 8.0 or newer, in float32, float16 and bfloat16."""
+
+    name = "cuda"
+
+    # ------------------------------------------------------------------ dispatch
+    def unsupported(self, req: Request) -> str | None:
+        lib = _load()
+        if lib is None:
+            if _lib_error and "No module named" not in _lib_error:
+                return f"gradsae._C failed to import ({_lib_error}); rebuild with GRADSAE_BUILD_CUDA=1"
+            return "gradsae._C is not built (reinstall with GRADSAE_BUILD_CUDA=1)"
+        dev = req.x.device
+        if dev.type != "cuda":
+            return f"tensors are on {dev.type}"
+        major, minor = torch.cuda.get_device_capability(dev)
+        if major < 8:
+            return f"needs a GPU of compute capability >= 8.0 (this one is {major}.{minor})"
+        sae = req.sae
+        if sae.dtype not in _CODES:
+            return f"dtype {sae.dtype} is not supported (float32, float16, bfloat16)"
+        if sae.d_sae >= 2**31 - 1 or sae.d_in >= 2**31 - 1:
+            return f"d_in={sae.d_in}, d_sae={sae.d_sae}: dimensions must be below 2**31"
+        if sae.activation == "topk":
+            k = min(req.k, sae.d_sae)
+            if k > lib.MAX_K:
+                return f"k={k} > {lib.MAX_K} (the largest top-k the kernels keep per row)"
+            mode, kp = MODE_TOPK, lib.topk_pad(k)
+        else:
+            mode, kp = MODE_THRESHOLD, 0
+        need = lib.encode_smem_bytes(_CODES[sae.dtype], mode, kp)
+        have = getattr(torch.cuda.get_device_properties(dev), "shared_memory_per_block_optin", need)
+        if need > have:
+            return f"the encode kernel needs {need} bytes of shared memory per block; this GPU allows {have}"
+        return None
+
+    def describe(self) -> dict:
+        """Build facts for ``gradsae info``: compiled architectures, CUDA runtime version."""
+        lib = _load()
+        if lib is None:
+            return {"built": False}
+        v = lib.cuda_runtime_version()
+        return {
+            "built": True,
+            "archs": lib.compiled_archs(),
+            "cuda_runtime": f"{v // 1000}.{(v % 1000) // 10}",
+            "max_k": lib.MAX_K,
+        }
+
+    # ------------------------------------------------------------------ encode + selection
+    def _plan(self, n: int, d_sae: int, tile_rows: int, slots: int, n_sm: int) -> tuple[int, int, int]:
+        """(split_cols, n_splits, rows per chunk): enough CTAs to fill the GPU a few times over,
+        partial results within PARTS_BUDGET."""
+        tile_cols = _load().TILE_COLS
+        row_blocks = -(-min(n, 1 << 16) // tile_rows)
+        want_splits = max(1, -(-4 * n_sm // row_blocks))
+        split_cols = -(-d_sae // want_splits)
+        split_cols = -(-split_cols // tile_cols) * tile_cols
+        n_splits = -(-d_sae // split_cols)
+        rows = max(1, min(n, PARTS_BUDGET // (n_splits * slots * 8)))
+        return split_cols, n_splits, rows
+
+    def _encode(self, req: Request):
+        """Active set of every row: (indices int64 [N, K], acts float32 [N, K], row_scale or None)."""
+        lib = _load()
+        sae = req.sae
+        x = req.x
+        launch = _Launch(x.device)
+        code = _CODES[sae.dtype]
+        W = _rows_contig(sae.W_enc)
+        b = sae.b_enc.contiguous()
+        scale = sae.decoder_norm().float().contiguous() if sae.rescale_acts_by_decoder_norm else None
+        topk = sae.activation == "topk"
+        thr = None if topk else sae.selection_threshold().float().contiguous()
+        n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
+        if topk:
+            k = min(req.k, sae.d_sae)
+            kp = lib.topk_pad(k)
+            slots = kp
+        else:
+            cap = req.k if req.k is not None else INITIAL_CAPACITY
+            slots = cap
+        tile_rows = lib.encode_tile_rows(MODE_TOPK if topk else MODE_THRESHOLD, kp if topk else 0)
+        split_cols, n_splits, chunk = self._plan(req.n, sae.d_sae, tile_rows, slots, n_sm)
+
+        def run(sae_in, rows, mode, k_, kp_, cap_):
+            width = kp_ if mode == MODE_TOPK else cap_
+            parts = torch.empty((rows, n_splits, width), dtype=torch.int64, device=x.device)
+            counts = (torch.empty((rows, n_splits), dtype=torch.int32, device=x.device)
+                      if mode == MODE_THRESHOLD else None)
+            lib.encode_select(
+                device=launch.index, stream=launch.stream, x=sae_in.data_ptr(), x_stride=sae_in.stride(0),
+                w=W.data_ptr(), w_stride=W.stride(0), bias=b.data_ptr(), scale=_ptr(scale), thr=_ptr(thr),
+                dtype=code, n=rows, d_in=sae.d_in, d_sae=sae.d_sae, mode=mode, k=k_, kp=kp_, cap=cap_,
+                split_cols=split_cols, n_splits=n_splits, parts=parts.data_ptr(), counts=_ptr(counts),
+                vec=_aligned((sae_in, sae_in.stride(0)), (W, W.stride(0))),
+            )
+            return parts, counts
+
+        idx_parts, act_parts, scale_parts, fullest_all = [], [], [], 0
+        for r0 in range(0, req.n, chunk):
+            r1 = min(req.n, r0 + chunk)
+            rows = r1 - r0
+            sae_in, state = sae.preprocess(x[r0:r1])
+            sae_in = _rows_contig(sae_in)
+            if topk:
+                parts, _ = run(sae_in, rows, MODE_TOPK, k, kp, 0)
+                idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
+                acts = torch.empty((rows, k), dtype=torch.float32, device=x.device)
+                lib.merge_topk(device=launch.index, stream=launch.stream, parts=parts.data_ptr(), n=rows,
+                               n_splits=n_splits, k=k, kp=kp, idx=idx.data_ptr(), acts=acts.data_ptr())
+            else:
+                while True:
+                    parts, counts = run(sae_in, rows, MODE_THRESHOLD, 0, 0, cap)
+                    idx = torch.empty((rows, cap), dtype=torch.int64, device=x.device)
+                    acts = torch.empty((rows, cap), dtype=torch.float32, device=x.device)
+                    row_counts = torch.empty(rows, dtype=torch.int32, device=x.device)
+                    lib.merge_threshold(device=launch.index, stream=launch.stream, parts=parts.data_ptr(),
+                                        counts=counts.data_ptr(), n=rows, n_splits=n_splits, cap=cap, cap_out=cap,
+                                        idx=idx.data_ptr(), acts=acts.data_ptr(), row_counts=row_counts.data_ptr())
+                    fullest = int(row_counts.max())
+                    if fullest <= cap:
+                        break
+                    if req.k is not None:
+                        bad = int(row_counts.argmax())
+                        raise CapacityError(
+                            f"token {r0 + bad} has {fullest} active latents but the capacity is k={cap}; "
+                            f"pass k>={fullest} (or k=None to size the output to the fullest row)"
+                        )
+                    cap = fullest  # exact size; the retry cannot overflow
+                fullest_all = max(fullest_all, fullest)
+            idx_parts.append(idx)
+            act_parts.append(acts)
+            scale_parts.append(state.row_scale)
+        if not topk:
+            K = req.k if req.k is not None else max(fullest_all, 1)
+            fit = lambda t, v: t[:, :K] if t.shape[1] >= K else torch.nn.functional.pad(t, (0, K - t.shape[1]), value=v)  # noqa: E731
+            idx_parts = [fit(t, -1) for t in idx_parts]
+            act_parts = [fit(t, 0.0) for t in act_parts]
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts)  # noqa: E731
+        row_scale = None if scale_parts[0] is None else cat(scale_parts).float()
+        return cat(idx_parts), cat(act_parts), row_scale
+
+    def select(self, req: Request):
+        idx, acts, _ = self._encode(req)
+        return idx, acts
+
+    # ------------------------------------------------------------------ gather-dot
+    def _gather_args(self, W_dec, idx, D, row_scale, col_scale):
+        W = _rows_contig(W_dec)
+        D = _rows_contig(D if D.dtype in _CODES else D.float())
+        idx = idx.contiguous()
+        rs = None if row_scale is None else row_scale.float().contiguous()
+        cs = None if col_scale is None else col_scale.float().contiguous()
+        n, K = idx.shape
+        return dict(
+            w=W.data_ptr(), w_stride=W.stride(0), w_dtype=_CODES[W.dtype], d=D.data_ptr(), d_stride=D.stride(0),
+            d_dtype=_CODES[D.dtype], idx=idx.data_ptr(), n=n, K=K, d_in=W.shape[1], row_scale=_ptr(rs),
+            col_scale=_ptr(cs), vec=_aligned((W, W.stride(0)), (D, D.stride(0))),
+        ), (W, D, idx, rs, cs)  # keep the tensors alive until the launch is queued
+
+    def gather_dot(self, W_dec, idx, D, row_scale=None, col_scale=None, budget=None):
+        """``g[n, s] = row_scale[n] * col_scale[idx] * (W_dec[idx[n, s]] . D[n])``, 0 where
+        idx < 0, in float32 (same contract as :func:`gradsae.backends.reference.gather_dot`)."""
+        lib = _load()
+        if lib is None or W_dec.device.type != "cuda" or W_dec.dtype not in _CODES:
+            from .reference import gather_dot
+
+            return gather_dot(W_dec, idx, D, row_scale, col_scale)
+        n, K = idx.shape
+        if idx.numel() and int(idx.max()) >= W_dec.shape[0]:
+            raise InputError(f"indices reach {int(idx.max())} but the SAE has d_sae={W_dec.shape[0]} latents")
+        out = torch.empty((n, K), dtype=torch.float32, device=idx.device)
+        args, keep = self._gather_args(W_dec, idx, D, row_scale, col_scale)
+        launch = _Launch(idx.device)
+        lib.gather_dot(device=launch.index, stream=launch.stream, out=out.data_ptr(), **args)
+        del keep
+        return out
+
+    def influence(self, req: Request):
+        idx, acts, row_scale = self._encode(req)
+        grads = self.gather_dot(req.sae.W_dec, idx, req.grad, row_scale, req.sae.col_scale())
+        return idx, acts, grads
+
+    # ------------------------------------------------------------------ fused statistics
+    def accumulate(self, req: Request, stats, mask: torch.Tensor | None = None) -> None:
+        """Add the influence of ``req`` to ``stats`` (a :class:`~gradsae.stats.LatentStats`)
+        without materialising scores: the gather-dot kernel adds each active slot into the
+        per-latent buffers. ``mask`` (``[N]`` booleans) selects the rows that count.
+        ``req.deterministic``: sort by latent and reduce each latent's entries in input order."""
+        lib = _load()
+        sae = req.sae
+        n = req.n
+        if mask is not None:
+            mask = mask.reshape(-1).to(device=req.x.device, dtype=torch.bool).contiguous()
+            if mask.numel() != n:
+                raise InputError(f"mask has {mask.numel()} entries for {n} token rows")
+        idx, acts, row_scale = self._encode(req)
+        bufs = [stats.count] + [getattr(stats, f) for f in ("act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")]
+        fused = (
+            all(t.device == req.x.device and t.is_contiguous() for t in bufs)
+            and stats.count.dtype == torch.int64
+            and all(t.dtype == torch.float64 for t in bufs[1:])
+        )
+        if not fused:  # stats kept elsewhere (e.g. on the CPU): plain update
+            from ..influence import Influence
+
+            grads = self.gather_dot(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
+            stats.update(Influence(idx, acts, grads, acts * grads, sae.d_sae), mask, deterministic=req.deterministic)
+            return
+        if stats.d_sae != sae.d_sae:
+            raise InputError(f"stats have d_sae={stats.d_sae} but the SAE has d_sae={sae.d_sae}")
+        launch = _Launch(req.x.device)
+        ptrs = dict(count=stats.count.data_ptr(), act_sum=stats.act_sum.data_ptr(),
+                    score_sum=stats.score_sum.data_ptr(), relu_sum=stats.relu_sum.data_ptr(),
+                    abs_sum=stats.abs_sum.data_ptr(), score_max=stats.score_max.data_ptr())
+        if req.deterministic:
+            grads = self.gather_dot(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
+            valid = idx >= 0
+            if mask is not None:
+                valid &= mask.unsqueeze(-1)
+            j = idx[valid]
+            a = acts[valid]
+            s = (acts * grads)[valid]
+            j, order = torch.sort(j, stable=True)
+            a = a[order].contiguous()
+            s = s[order].contiguous()
+            lib.segment_stats(device=launch.index, stream=launch.stream, j=j.data_ptr(), acts=a.data_ptr(),
+                              scores=s.data_ptr(), m=j.numel(), **ptrs)
+        else:
+            args, keep = self._gather_args(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
+            lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
+                           **args, **ptrs)
+            del keep
+        stats.tokens += int(mask.sum()) if mask is not None else n
+
+
+register_backend(CudaBackend())
