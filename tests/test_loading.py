@@ -443,8 +443,10 @@ def test_dtype_and_device_placement(tmp_path):
             t = getattr(sae, name)
             assert t.dtype == want
             assert torch.equal(t, w[name].to(torch.float32).to(want))
-    with pytest.raises(SAEFormatError, match="dtype"):
+    with pytest.raises(InputError, match="dtype"):
         load_sae(tmp_path / "sae", dtype="int8")
+    with pytest.raises(InputError, match="device"):
+        load_sae(tmp_path / "sae", device="gpu0")
 
 
 def test_dtype_overflow_is_reported(tmp_path):
@@ -485,7 +487,7 @@ def test_missing_path_and_unknown_format(tmp_path):
         load_sae(tmp_path / "nope")
     assert str(tmp_path / "nope") in str(e.value)
     folder, _ = _saelens(tmp_path)
-    with pytest.raises(SAEFormatError, match="unknown format"):
+    with pytest.raises(InputError, match="unknown format"):
         load_sae(folder, format="pickle")
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..errors import SAEFormatError
+import torch
+
+from ..errors import InputError, SAEFormatError
 from ..sae import SAE
-from .readers import list_dir, os_path, read_json
+from .readers import list_dir, os_path, parse_dtype, read_json
 
 FORMATS = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
 
@@ -101,10 +103,19 @@ def load_sae(path, format: str | None = None, device: Any = "cpu", dtype: Any = 
     rest of its config in ``sae.meta.extra``.
 
     Raises:
+        InputError: ``format``, ``device`` or ``dtype`` is not a valid choice.
         SAEFormatError: the path matches no format, or a file is missing, truncated, corrupt,
             has missing tensors, shapes that disagree with each other or the config, an
             unsupported architecture, or non-finite weights. The message names the file.
     """
+    try:
+        dtype = parse_dtype(dtype)
+    except SAEFormatError as e:
+        raise InputError(str(e)) from None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device {device!r} is not a valid torch device ({e})") from None
     p = os_path(path)
     if format is None:
         fmt = detect_format(p)
@@ -112,7 +123,7 @@ def load_sae(path, format: str | None = None, device: Any = "cpu", dtype: Any = 
         fmt = str(format).lower().replace("-", "_").replace(" ", "_")
         fmt = {"gemma_scope": "gemmascope", "sae_lens": "saelens", "dictionary": "dictionary_learning"}.get(fmt, fmt)
         if fmt not in FORMATS:
-            raise SAEFormatError(f"unknown format {format!r}; expected one of {FORMATS}")
+            raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
         if not p.exists():
             raise SAEFormatError(f"{p}: no such file or directory")
     return _loader(fmt)(p, device=device, dtype=dtype)
