@@ -37,8 +37,8 @@ def _latents(name: str, v, d_sae: int) -> torch.Tensor:
 @dataclass
 class Intervention:
     """Latent edits: ``zero`` (latents forced to 0), ``set`` ({latent: value}: forced to that
-    activation, active or not), ``add`` ({latent: alpha}: ``alpha * W_dec[latent]`` added to the
-    hook's output), at ``positions`` ``"all"`` or ``"last"``."""
+    activation, active or not; applied after ``zero``, so a latent in both ends at its value),
+    ``add`` ({latent: alpha}: ``alpha * W_dec[latent]`` added to the hook's output), at ``positions`` ``"all"`` or ``"last"``."""
 
     zero: list[int] = field(default_factory=list)
     set: dict[int, float] = field(default_factory=dict)
@@ -51,9 +51,6 @@ class Intervention:
         _latents("zero", self.zero, d_sae)
         _latents("set", list(self.set), d_sae)
         _latents("add", list(self.add), d_sae)
-        overlap = set(int(j) for j in self.zero) & set(int(j) for j in self.set)
-        if overlap:
-            raise InputError(f"latents {sorted(overlap)} are both zeroed and set")
         return self
 
     def apply(self, sae, idx, acts, x, pos):
