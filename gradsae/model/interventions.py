@@ -38,7 +38,8 @@ def _latents(name: str, v, d_sae: int) -> torch.Tensor:
 class Intervention:
     """Latent edits: ``zero`` (latents forced to 0), ``set`` ({latent: value}: forced to that
     activation, active or not; applied after ``zero``, so a latent in both ends at its value),
-    ``add`` ({latent: alpha}: ``alpha * W_dec[latent]`` added to the hook's output), at ``positions`` ``"all"`` or ``"last"``."""
+    ``add`` ({latent: alpha}: ``alpha * W_dec[latent]`` added to the hook's output),
+    at ``positions`` ``"all"`` or ``"last"``."""
 
     zero: list[int] = field(default_factory=list)
     set: dict[int, float] = field(default_factory=dict)
