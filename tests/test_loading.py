@@ -142,6 +142,14 @@ def test_saelens_pre6_topk(tmp_path):
     check_meta(sae, "blocks.2.hook_resid_pre", "gpt2-small", 2)
 
 
+def test_saelens_hook_z_is_flagged(tmp_path):
+    sf.write_saelens_pre6(tmp_path / "sae", D_IN, D_SAE, hook_point="blocks.4.attn.hook_z", hook_point_layer=4)
+    sae = load_sae(tmp_path / "sae")
+    assert sae.meta.extra["reshape_activations"] == "hook_z" and sae.meta.hook_layer == 4
+    sae.save(tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
+
+
 def test_saelens_pre6_finetuning_scaling_factor(tmp_path):
     s = torch.rand(D_SAE) + 0.5
     w = sf.write_saelens_pre6(tmp_path / "sae", D_IN, D_SAE, scaling_factor=s, normalize_activations="none")

@@ -23,7 +23,10 @@ weights (an intermediate training checkpoint) the factor is folded into the weig
 (``W_enc * s``, ``W_dec / s``, ``b_dec / s``, so raw inputs give the trained reconstruction);
 otherwise the setting is recorded in the metadata and the weights are used as they are.
 
-Gated SAEs, transcoders and other architectures are refused with an error that names them.
+Attention-output SAEs (``hook_z``) work on the heads flattened into one vector of
+``d_in = n_heads * d_head``; ``metadata["reshape_activations"] == "hook_z"`` tells the caller to
+flatten. Gated SAEs, transcoders and other architectures are refused with an error that names
+them.
 """
 
 from __future__ import annotations
@@ -184,11 +187,18 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
     hook_name = meta.get("hook_name", cfg.get("hook_name", cfg.get("hook_point")))
     model_name = meta.get("model_name", cfg.get("model_name"))
     hook_layer = meta.get("hook_layer", cfg.get("hook_layer", cfg.get("hook_point_layer")))
+    try:
+        hook_layer = int(hook_layer) if hook_layer is not None else None
+    except (TypeError, ValueError):
+        raise fail(cfg_file, f"hook_layer {hook_layer!r} is not an integer") from None
     if hook_layer is None:
         hook_layer = hook_layer_from_name(hook_name)
     extra = {kk: v for kk, v in cfg.items() if kk not in _CONSUMED}
     extra.update({kk: v for kk, v in meta.items() if kk not in ("hook_name", "model_name", "hook_layer")})
     extra.update(extra_meta)
+    if str(hook_name or "").endswith("hook_z"):
+        # attention-output SAEs read [..., n_heads, d_head] flattened to d_in = n_heads * d_head
+        extra.setdefault("reshape_activations", "hook_z")
     extra["format"] = "saelens"
     extra["architecture"] = arch
 
@@ -208,7 +218,7 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         normalize_activations=normalize,
         rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)) and arch in ("topk", "batchtopk"),
         hook_name=hook_name, model_name=model_name,
-        hook_layer=int(hook_layer) if hook_layer is not None else None,
+        hook_layer=hook_layer,
         metadata=extra,
     )
 
