@@ -1,0 +1,81 @@
+"""Greedy generation with the KV cache on the spliced model, and scoring at the trigger step
+(compared with the dense paper recipe on the full prefix at that step)."""
+
+import pytest
+import torch
+
+import tiny_models as tm
+from oracle import random_sae
+
+from gradsae.errors import InputError
+from gradsae.model import GradSAE
+
+
+def parts(arch):
+    m = tm.model(arch, scale=3.0).double()
+    sae = random_sae(32, 64, "topk", k=6, dtype=torch.float64)
+    tok = tm.tokenizer()
+    return m, sae, tok, GradSAE(m, sae, hook="blocks.0.hook_resid_post", tokenizer=tok)
+
+
+def no_cache_greedy(m, sae, ids, n):
+    hook = tm.DenseSplice(tm.layer_module(m, 0), sae)
+    try:
+        with torch.no_grad():
+            for _ in range(n):
+                ids = torch.cat([ids, m(ids[None]).logits[0, -1].argmax()[None]])
+    finally:
+        hook.remove()
+    return ids
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_cached_generation_equals_full_prefix_generation(arch):
+    m, sae, tok, sc = parts(arch)
+    prompt = tok("what king was in the north", return_tensors="pt")["input_ids"][0]
+    g = sc.generate(prompt, max_new_tokens=8, stop_ids=[])
+    assert len(g.token_ids) == 8
+    assert torch.equal(torch.cat([prompt, g.token_ids]), no_cache_greedy(m, sae, prompt, 8))
+    assert g.text == tok.decode(g.token_ids.tolist(), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_scores_at_trigger_are_the_recipe_on_the_prefix(arch):
+    m, sae, tok, sc = parts(arch)
+    prompt = tok("the question is what river", return_tensors="pt")["input_ids"][0]
+    free = sc.generate(prompt, max_new_tokens=6, stop_ids=[]).token_ids
+    target = int(free[3])
+    step = int(torch.nonzero(free == target)[0])  # its first occurrence
+    g = sc.score_at_trigger(prompt, trigger=lambda t: t == target, max_new_tokens=6, stop_ids=[])
+    assert g.trigger_step == step and len(g.token_ids) == step
+    prefix = torch.cat([prompt, free[:step]])
+    ref, z, y = tm.paper_scores(m, sae, 0, prefix)
+    err = (g.scores.scores - ref).abs().max()
+    assert err <= 1e-9 * ref.abs().max()
+    # Y is the probability of exactly the trigger token
+    with sc.spliced(), torch.no_grad():
+        p = m(prefix[None]).logits[0, -1].softmax(-1)
+    assert int(p.argmax()) == target and abs(g.scores.objective - float(p[target])) < 1e-12
+    assert g.scores.active_last.tolist() == torch.nonzero(z[-1]).flatten().tolist()
+
+
+def test_text_trigger_is_a_substring_of_the_predicted_token():
+    m, sae, tok, sc = parts("llama")
+    prompt = tok("the question is what river", return_tensors="pt")["input_ids"][0]
+    free = sc.generate(prompt, max_new_tokens=8, stop_ids=[]).token_ids
+    text = tok.decode([int(free[-1])])[:2]
+    step = next(i for i, t in enumerate(free.tolist()) if text in tok.decode([t]))
+    g = sc.score_at_trigger(prompt, trigger=text, max_new_tokens=8, stop_ids=[])
+    assert g.trigger_step == step
+    # generation that continues past the trigger keeps the scores of the first one
+    full = sc.generate(prompt, max_new_tokens=8, trigger=text, stop_ids=[])
+    assert torch.equal(full.token_ids, free) and full.trigger_step == step
+    assert torch.allclose(full.scores.scores, g.scores.scores, rtol=0, atol=0)
+
+
+def test_no_trigger_is_a_clear_error():
+    _, _, tok, sc = parts("gpt2")
+    with pytest.raises(InputError, match="never predicted a token matching"):
+        sc.score_at_trigger("the king of", trigger=lambda t: False, max_new_tokens=3)
+    with pytest.raises(InputError, match="one prompt"):
+        sc.generate(["the king", "a queen"])
