@@ -167,7 +167,8 @@ def write_sparsify(
         "activation": "topk",
         "expansion_factor": d_sae // d_in,
         "normalize_decoder": True,
-        "num_latents": d_sae,
+        # sparsify writes 0 ("use expansion_factor") unless num_latents was set explicitly
+        "num_latents": 0 if d_sae == d_in * (d_sae // d_in) else d_sae,
         "k": k,
         "multi_topk": False,
         "skip_connection": False,

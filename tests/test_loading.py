@@ -587,6 +587,9 @@ def test_shapes_disagreeing_with_config(tmp_path):
     sf.write_sparsify(tmp_path / "run", "layers.0", D_IN, D_SAE, k=4, cfg_overrides={"d_in": D_IN + 4})
     with pytest.raises(SAEFormatError, match=r"d_in=12 but cfg.json says d_in=16"):
         load_sae(tmp_path / "run" / "layers.0")
+    sf.write_sparsify(tmp_path / "run", "layers.1", D_IN, D_SAE, k=4, cfg_overrides={"num_latents": 40})
+    with pytest.raises(SAEFormatError, match=r"d_sae=48 but cfg.json says d_sae=40"):
+        load_sae(tmp_path / "run" / "layers.1")
     sf.write_dictionary_learning(tmp_path / "t", "JumpReluAutoEncoder", D_IN, D_SAE)
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
     cfg["trainer"]["dict_size"] = 7
