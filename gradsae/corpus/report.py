@@ -84,16 +84,16 @@ def write_parquet(df, path) -> None:
 def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20) -> None:
     """Three panels: mean influence vs activation frequency, the distribution of per-latent
     mean scores, and the latents with the largest total positive influence."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no GUI, no global state
+    from matplotlib.figure import Figure
 
     active = (stats.count > 0).cpu().numpy()
     freq = stats.frequency.cpu().numpy()[active]
     mean_score = stats.mean_score.cpu().numpy()[active]
-    fig, ax = plt.subplots(1, 3, figsize=(16, 4.6))
+    fig = Figure(figsize=(16, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 3)
     if active.any():
         ax[0].scatter(freq, mean_score, s=3, alpha=0.5)
         ax[0].set_xscale("log")
@@ -113,9 +113,8 @@ def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20) -
     ax[2].set_xlabel("mean relu(influence) per token")
     ax[2].set_title(f"top {len(idx)} latents")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.12, top=0.86, wspace=0.28)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
 def write_outputs(out, stats: LatentStats, examples: TopExamples, meta: dict, tokenizer=None) -> None:

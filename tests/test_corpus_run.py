@@ -1,0 +1,179 @@
+"""score_corpus end to end on a tiny GPT-2: statistics and top examples against an independent
+dense float64 computation, the output directory, and the bad-input rules."""
+
+import copy
+import json
+import random
+
+import pytest
+import tiny_models as tm
+import torch
+from oracle import random_sae
+
+import gradsae
+from gradsae.errors import InputError
+
+LAYER, D, DSAE, K, L = 1, 32, 64, 4, 12
+
+
+def _corpus(rng, n=14):
+    docs = []
+    for i in range(n):
+        k = rng.choice([0, 1, rng.randint(2, 40)]) if i % 4 == 3 else rng.randint(2, 40)
+        docs.append(" ".join(rng.choice(tm.WORDS) for _ in range(k)))
+    return docs
+
+
+@pytest.fixture
+def setup():
+    seed = int(torch.randint(0, 2**31, ()).item())
+    model = tm.model("gpt2", d=D, layers=2, seed=seed, scale=3.0)
+    sae = random_sae(D, DSAE, "topk", k=K, seed=seed + 1)
+    return model, sae, tm.tokenizer(), _corpus(random.Random(seed))
+
+
+def _dense_reference(model, sae, tok, docs, mode):
+    """Per window, in float64: dense latents with retain_grad, mean next-token loss, backward;
+    every (doc, pos, latent) with z != 0 and its score z * dY/dz."""
+    m = copy.deepcopy(model).double()
+    s64 = gradsae.SAE(sae.W_enc.double(), sae.b_enc.double(), sae.W_dec.double(), sae.b_dec.double(), "topk", k=K)
+    rows = []
+    for doc, text in enumerate(docs):
+        ids = tok(text)["input_ids"]
+        for w in range(0, len(ids), L):
+            piece = torch.tensor(ids[w:w + L])
+            if len(piece) < 2:
+                continue
+            hook = tm.DenseSplice(tm.layer_module(m, LAYER), s64, mode)
+            try:
+                logits = m(piece[None]).logits[0]
+                torch.nn.functional.cross_entropy(logits[:-1], piece[1:]).backward()
+            finally:
+                hook.remove()
+            z = hook.zs[0]
+            sc = (z.grad * z)[0].detach()
+            z = z[0].detach()
+            for t, j in (z != 0).nonzero().tolist():
+                rows.append((doc, w + t, j, float(z[t, j]), float(sc[t, j])))
+    return rows
+
+
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_statistics_match_dense_reference(setup, tmp_path, mode):
+    model, sae, tok, docs = setup
+    out = tmp_path / "run"
+    res = gradsae.score_corpus(model, sae, docs, hook=f"blocks.{LAYER}.hook_resid_post", mode=mode, tokenizer=tok,
+                               out=out, max_length=L, batch_tokens=40, top_n=3, context=2, progress=False)
+    ref = _dense_reference(model, sae, tok, docs, mode)
+    n_tok = sum(len(range(0, len(tok(d)["input_ids"]), L)) and sum(
+        len(tok(d)["input_ids"][w:w + L]) for w in range(0, len(tok(d)["input_ids"]), L)
+        if len(tok(d)["input_ids"][w:w + L]) >= 2) for d in docs)
+    st = res.stats
+    assert st.tokens == n_tok
+    count = torch.zeros(DSAE, dtype=torch.int64)
+    sums = {f: torch.zeros(DSAE, dtype=torch.float64) for f in ("act_sum", "score_sum", "relu_sum", "abs_sum")}
+    smax = torch.full((DSAE,), float("-inf"), dtype=torch.float64)
+    for _, _, j, a, s in ref:
+        count[j] += 1
+        sums["act_sum"][j] += a
+        sums["score_sum"][j] += s
+        sums["relu_sum"][j] += max(s, 0.0)
+        sums["abs_sum"][j] += abs(s)
+        smax[j] = max(smax[j], s)
+    assert torch.equal(st.count, count)
+    scale = max(1e-3, max(abs(s) for *_, s in ref))
+    for f, v in sums.items():
+        torch.testing.assert_close(getattr(st, f), v, atol=1e-4 * scale * 50, rtol=1e-4)
+    act = count > 0
+    torch.testing.assert_close(st.score_max[act], smax[act], atol=1e-4 * scale, rtol=1e-4)
+    assert torch.isinf(st.score_max[~act]).all()
+
+    # top examples: the 3 best (doc, pos) per latent by score, where the ranking is clear
+    by_lat = {}
+    for doc, pos, j, a, s in ref:
+        by_lat.setdefault(j, []).append((s, doc, pos, a))
+    for j in range(DSAE):
+        want = sorted(by_lat.get(j, []), key=lambda r: (-r[0], r[1], r[2]))[:3]
+        got = res.examples.rows(j)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert abs(g["score"] - w[0]) <= 1e-4 * scale and abs(g["act"] - w[3]) <= 1e-4 * max(1.0, abs(w[3]))
+        ss = [s for s, *_ in sorted(by_lat.get(j, []), key=lambda r: -r[0])]
+        for r, (g, w) in enumerate(zip(got, want)):
+            gaps = [abs(ss[r] - ss[q]) for q in (r - 1, r + 1) if 0 <= q < len(ss)]
+            if all(gp > 1e-3 * scale for gp in gaps):
+                assert (g["doc"], g["pos"]) == (w[1], w[2])
+                ids = tok(docs[w[1]])["input_ids"]
+                assert g["ctx"][g["center"]] == ids[w[2]]
+
+    # the output directory
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["stats.safetensors", "examples.safetensors", "latents.parquet", "report.png", "meta.json"])
+    assert gradsae.LatentStats.load(out / "stats.safetensors") == st
+    import pandas as pd
+
+    df = pd.read_parquet(out / "latents.parquet")
+    assert len(df) == DSAE and (df["count"].to_numpy() == count.numpy()).all()
+    j = int(count.argmax())
+    top = list(df["top_examples"][j])
+    assert [(e["doc"], e["pos"]) for e in top] == [(r["doc"], r["pos"]) for r in res.examples.rows(j)]
+    assert all("[[" in e["context"] for e in top)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["complete"] and meta["tokens"] == n_tok and meta["hook"] == f"blocks.{LAYER}.hook_resid_post"
+    assert meta["objective"] == "loss" and meta["mode"] == mode and meta["sae"]["d_sae"] == DSAE
+    assert meta["documents"] == sum(1 for d in docs if len(tok(d)["input_ids"]) >= 2)
+    assert {"gradsae", "torch", "transformers"} <= set(meta["versions"])
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_output_directory_rules(setup, tmp_path):
+    model, sae, tok, docs = setup
+    kw = dict(hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, max_length=L, batch_tokens=64, progress=False)
+    out = tmp_path / "run"
+    first = gradsae.score_corpus(model, sae, docs, out=out, **kw)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InputError, match="holds a finished run.*overwrite"):
+        gradsae.score_corpus(model, sae, docs, out=out, **kw)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    again = gradsae.score_corpus(model, sae, docs[:5], out=out, overwrite=True, **kw)
+    assert again.stats.tokens < first.stats.tokens
+    assert gradsae.LatentStats.load(out / "stats.safetensors") == again.stats
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not from a gradsae run.*notes.txt"):
+        gradsae.score_corpus(model, sae, docs, out=other, **kw)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_bad_input_writes_nothing(setup, tmp_path):
+    model, sae, tok, docs = setup
+    kw = dict(hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, max_length=L, progress=False)
+    out = tmp_path / "run"
+    wrong = random_sae(D + 8, DSAE, "topk", k=K, seed=3)
+    with pytest.raises(InputError, match="d_in=40 does not match"):
+        gradsae.score_corpus(model, wrong, docs, out=out, **kw)
+    p = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": d or "the"}) for d in docs]
+    lines[6] = json.dumps({"body": "the king"})
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=rf"{p.name}:7: no field 'text'"):
+        gradsae.score_corpus(model, sae, p, out=out, **kw)
+    with pytest.raises(InputError, match="no tokens to score"):
+        gradsae.score_corpus(model, sae, ["", "  ", "the"], out=out, **kw)
+    with pytest.raises(InputError, match="needs the model's tokenizer"):
+        gradsae.score_corpus(model, sae, docs, out=out, **{**kw, "tokenizer": None})
+    assert not out.exists()
+
+
+def test_bf16_autocast_changes_the_arithmetic_not_the_accounting(setup):
+    model, sae, tok, docs = setup
+    kw = dict(hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, max_length=L, batch_tokens=64, progress=False)
+    a = gradsae.score_corpus(model, sae, docs, **kw)
+    b = gradsae.score_corpus(model, sae, docs, autocast="bf16", **kw)
+    assert b.meta["config"]["autocast"] == "bf16"
+    assert b.stats.tokens == a.stats.tokens and b.meta["documents"] == a.meta["documents"]
+    assert torch.isfinite(b.stats.abs_sum).all()
+    assert not torch.equal(a.stats.abs_sum, b.stats.abs_sum)  # autocast was in effect
+    rel = (a.stats.abs_sum - b.stats.abs_sum).abs().sum() / a.stats.abs_sum.sum()
+    assert rel < 0.25
