@@ -270,7 +270,9 @@ class SAE:
         state = NormState()
         if self.normalize_activations == "constant_norm_rescale":
             xd = x.detach()
-            coeff = math.sqrt(self.d_in) / xd.norm(dim=-1)
+            # A zero row (e.g. a masked pad position) keeps a finite coefficient: its latents
+            # are those of a zero input instead of NaN that would leak into attention sums.
+            coeff = math.sqrt(self.d_in) / xd.norm(dim=-1).clamp_min(torch.finfo(xd.dtype).tiny)
             x = x * coeff.unsqueeze(-1)
             state = NormState(row_scale=1.0 / coeff)
         elif self.normalize_activations == "layer_norm":

@@ -111,3 +111,15 @@ def test_cache_follows_in_place_weight_edits():
     n0 = sae.decoder_norm().clone()
     sae.W_dec.mul_(2)
     torch.testing.assert_close(sae.decoder_norm(), 2 * n0)
+
+
+@pytest.mark.parametrize("normalize", ["constant_norm_rescale", "layer_norm"])
+def test_zero_rows_stay_finite(normalize):
+    """Masked pad positions are zero rows: encode/decode/influence must stay finite there."""
+    sae = random_sae(8, 30, "topk", k=3, normalize=normalize)
+    x = torch.randn(4, 8)
+    x[1] = 0
+    assert bool(torch.isfinite(sae.encode(x)).all())
+    assert bool(torch.isfinite(sae(x)).all())
+    out = gradsae.influence(x, torch.randn_like(x), sae)
+    assert bool(torch.isfinite(out.scores).all())
