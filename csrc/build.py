@@ -49,6 +49,22 @@ def find_nvcc() -> str | None:
     return default if os.path.isfile(default) else None
 
 
+def find_cuobjdump() -> str | None:
+    """cuobjdump from the toolkit, or the copy Triton bundles; None if neither exists."""
+    import shutil
+
+    nvcc = find_nvcc()
+    cands = [os.path.join(os.path.dirname(nvcc), "cuobjdump")] if nvcc else []
+    cands += [shutil.which("cuobjdump") or "", "/usr/local/cuda/bin/cuobjdump"]
+    try:
+        import triton
+
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in cands if c and os.path.isfile(c)), None)
+
+
 def archs() -> tuple[str, ...]:
     """SASS targets (compute capabilities without the dot), from GRADSAE_CUDA_ARCHS or the default."""
     env = os.environ.get("GRADSAE_CUDA_ARCHS", "").replace(";", ",").strip()
@@ -123,7 +139,7 @@ def build(output: str, build_temp: str | None = None, targets: tuple[str, ...] |
     if link:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         partial = output + ".tmp"
-        _run([nvcc, "-shared", "-cudart", "static", *objs, "-o", partial])
+        _run([nvcc, "-shared", "-cudart", "static", "--no-device-link", *objs, "-o", partial])
         os.replace(partial, output)
     return objs
 

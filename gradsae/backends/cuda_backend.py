@@ -39,6 +39,11 @@ def _load():
     """The compiled module, or None (the reason is kept in ``_lib_error``)."""
     global _lib, _lib_error
     if _lib is None and _lib_error is None:
+        import importlib.util
+
+        if importlib.util.find_spec("gradsae._C") is None:
+            _lib_error = "not built"
+            return None
         try:
             from .. import _C
 
@@ -80,7 +85,7 @@ class CudaBackend:
     def unsupported(self, req: Request) -> str | None:
         lib = _load()
         if lib is None:
-            if _lib_error and "No module named" not in _lib_error:
+            if _lib_error != "not built":
                 return f"gradsae._C failed to import ({_lib_error}); rebuild with GRADSAE_BUILD_CUDA=1"
             return "gradsae._C is not built (reinstall with GRADSAE_BUILD_CUDA=1)"
         dev = req.x.device
