@@ -156,3 +156,61 @@ def paper_scores(m, sae, layer, ids, objective=None, mode="splice", reduce="mean
     s = s.relu() if sign == "relu" else s.abs() if sign == "abs" else s
     s = s.mean(0) if reduce == "mean" else s.sum(0) if reduce == "sum" else s[-1]
     return s.detach(), z.detach(), float(y.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny question-answering setup for the experiment studies: a small model trained in a few
+# seconds to answer its questions as "result = [[ label ]]", and an SAE that reconstructs
+# exactly (so the spliced model answers like the model).
+
+QA = [
+    ("the king of the north was red", "what king was red ?", "north"),
+    ("the river in the south is blue", "what river is blue ?", "south"),
+    ("the queen of the east was green", "who was green ?", "queen"),
+    ("the stone in the west is dark", "what is dark ?", "stone"),
+    ("the city of fire was light", "which city was light ?", "fire"),
+    ("the team of water won seven", "how many did water win ?", "seven"),
+]
+QA_TEMPLATE = "context : {context} question : {question} answer :"
+
+
+def squad_json(path, qa=QA):
+    """Write ``qa`` as a SQuAD v1.1-format file."""
+    import json
+
+    paras = [{"context": c, "qas": [{"id": f"q{i}", "question": q,
+                                     "answers": [{"text": a, "answer_start": c.find(a)}]}]}
+             for i, (c, q, a) in enumerate(qa)]
+    with open(path, "w") as f:
+        json.dump({"version": "1.1", "data": [{"title": "tiny", "paragraphs": paras}]}, f)
+    return path
+
+
+def trained_qa_model(steps: int = 60, d: int = 32, seed: int = 0, n: int = 4):
+    """(model, tokenizer) with the model trained to continue each QA prompt with
+    ``result = [[ answer ]] <eos>``."""
+    tok = tokenizer("right")
+    texts = [QA_TEMPLATE.format(context=c, question=q) + f" result = [[ {a} ]] <eos>" for c, q, a in QA[:n]]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    m = model("llama", d=d, seed=seed).train()
+    opt = torch.optim.Adam(m.parameters(), lr=2e-2)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    for _ in range(steps):
+        loss = m(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval(), tok
+
+
+def identity_sae(d: int, extra: int = 32, seed: int = 0):
+    """A ReLU SAE with latents +e_i and -e_i (decode(encode(x)) == x exactly) plus ``extra``
+    latents that never fire."""
+    import gradsae
+
+    g = torch.Generator().manual_seed(seed)
+    eye = torch.eye(d)
+    W_enc = torch.cat([eye, -eye, torch.randn(d, extra, generator=g) * 0.01], 1)
+    b_enc = torch.cat([torch.zeros(2 * d), torch.full((extra,), -100.0)])
+    W_dec = torch.cat([eye, -eye, torch.randn(extra, d, generator=g)], 0)
+    return gradsae.SAE(W_enc, b_enc, W_dec, torch.zeros(d), activation="relu")
