@@ -72,8 +72,10 @@ class GradSAE:
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
                  backend: str = "auto"):
         from ..influence import _as_sae
+        from .transformer_lens import adapt_model
 
         sae = _as_sae(sae)
+        model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
         if hook is None:
@@ -182,7 +184,7 @@ class GradSAE:
             )
         inf = done[0].influence
         keep = mask.unsqueeze(-1) & (inf.indices >= 0)
-        z = lambda t: torch.where(keep, t, torch.zeros_like(t))  # noqa: E731
+        z = lambda t: torch.where(keep, t, torch.zeros_like(t))
         inf = Influence(torch.where(keep, inf.indices, torch.full_like(inf.indices, -1)),
                         z(inf.acts), z(inf.grads), z(inf.scores), inf.d_sae)
         return Attribution(inf, mask, logits.detach(), y.detach().reshape(-1), ids)

@@ -1,0 +1,157 @@
+"""GradSAE on TransformerLens HookedTransformers.
+
+- The same tiny GPT-2 as a transformers model and as a HookedTransformer (weights converted by
+  TransformerLens' own converter) gives the same GradSAE scores at the same hook names, with
+  left and right padding.
+- GradSAE with a live SAELens SAE on a HookedSAETransformer equals the paper's recipe written
+  with SAELens' own objects (``add_sae`` + ``retain_grad`` on ``hook_sae_acts_post``), in
+  splice mode and in error-term mode.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens", reason="transformer-lens is not installed (pip install -e '.[compat]')")
+
+import tiny_models as tm  # noqa: E402
+from oracle import random_sae  # noqa: E402
+from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
+from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights  # noqa: E402
+
+import gradsae  # noqa: E402
+from gradsae.errors import InputError  # noqa: E402
+
+D, LAYERS = 32, 2
+
+
+def hooked_twin(hf, cls=HookedTransformer):
+    """The HookedTransformer (or subclass ``cls``) computing exactly what GPT-2 ``hf`` does."""
+    c = hf.config
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head, d_mlp=4 * c.n_embd, d_vocab=c.vocab_size, act_fn="gelu_new",
+        normalization_type="LN", eps=c.layer_norm_epsilon, positional_embedding_type="standard",
+        default_prepend_bos=False, dtype=hf.dtype,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ht = cls(cfg)
+        ht.load_and_process_state_dict(convert_gpt2_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False)
+    return ht.eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = tm.model("gpt2", d=D, layers=LAYERS, scale=3.0, seed=int(torch.randint(0, 10**6, ()))).double()
+    return hf, hooked_twin(hf)
+
+
+def rand_ids(B, T):
+    return torch.randint(len(tm.SPECIAL), tm.VOCAB, (B, T))
+
+
+def test_hooked_twin_is_the_same_model(models):
+    hf, ht = models
+    ids = rand_ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(ht(ids), hf(ids).logits, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
+                                  "blocks.1.hook_attn_out"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_hooked_transformer_scores_equal_hf_scores(models, hook, padding, mode):
+    hf, ht = models
+    ids = rand_ids(3, 8)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[2, 5:] = 0
+    sae = random_sae(D, 96, "topk", k=6, dtype=torch.float64)
+    a = gradsae.GradSAE(hf, sae, hook=hook, mode=mode).score(ids, attention_mask=mask)
+    b = gradsae.GradSAE(ht, sae, hook=hook, mode=mode).score(ids, attention_mask=mask)
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert ra.objective == pytest.approx(rb.objective, rel=1e-10)
+        assert float(ra.scores.abs().max()) > 0
+        torch.testing.assert_close(rb.scores, ra.scores, atol=1e-12 * float(ra.scores.abs().max()), rtol=1e-8)
+        assert torch.equal(ra.active_last, rb.active_last)
+
+
+def test_hooked_transformer_loss_attribution_equals_hf(models):
+    hf, ht = models
+    ids = rand_ids(2, 7)
+    sae = random_sae(D, 64, "jumprelu", dtype=torch.float64)
+    a = gradsae.GradSAE(hf, sae, hook="blocks.0.hook_resid_post").attribute(ids, objective="loss")
+    b = gradsae.GradSAE(ht, sae, hook="blocks.0.hook_resid_post").attribute(ids, objective="loss")
+    torch.testing.assert_close(b.influence.to_dense(), a.influence.to_dense(), atol=1e-12, rtol=1e-8)
+    torch.testing.assert_close(b.objective, a.objective, atol=1e-12, rtol=0)
+
+
+def test_unknown_hook_on_hooked_transformer_is_refused(models):
+    _, ht = models
+    sae = random_sae(D, 64, "topk", k=4, dtype=torch.float64)
+    with pytest.raises(InputError, match="blocks.7.hook_resid_post"):
+        gradsae.GradSAE(ht, sae, hook="blocks.7.hook_resid_post")
+
+
+# ------------------------------------------------------------------ SAELens on HookedSAETransformer
+def saelens_recipe(model, sl_sae, ids, use_error_term):
+    """The paper's GradSAE written with SAELens' own objects: the SAE added to the
+    HookedSAETransformer, its latents kept with retain_grad, Y = softmax probability of the
+    argmax next token at the last position, scores = mean over positions of relu(z * dY/dz)."""
+    model.add_sae(sl_sae, use_error_term=use_error_term)
+    kept = {}
+
+    def keep(acts, hook):
+        acts.retain_grad()
+        kept["z"] = acts
+        return acts
+
+    try:
+        name = sl_sae.cfg.metadata.hook_name + ".hook_sae_acts_post"
+        logits = model.run_with_hooks(ids, fwd_hooks=[(name, keep)])
+        y = logits[:, -1].softmax(-1).max(-1).values
+        y.sum().backward()
+    finally:
+        model.reset_saes()
+    z = kept["z"]
+    return (z * z.grad).relu().mean(dim=1).detach(), y.detach()
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("use_error_term", [False, True], ids=["splice", "error"])
+def test_gradsae_equals_paper_recipe_with_saelens_objects(models, arch, use_error_term):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[compat]')")
+    from sae_lens.saes.sae import SAEMetadata
+
+    hf, _ = models
+    model = hooked_twin(hf, sae_lens.HookedSAETransformer)
+    hook = "blocks.1.hook_resid_post"
+    cfg_cls = {"topk": sae_lens.TopKSAEConfig, "jumprelu": sae_lens.JumpReLUSAEConfig, "gated": sae_lens.GatedSAEConfig}
+    cls = {"topk": sae_lens.TopKSAE, "jumprelu": sae_lens.JumpReLUSAE, "gated": sae_lens.GatedSAE}
+    kw = {"k": 8, "rescale_acts_by_decoder_norm": True} if arch == "topk" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sl_sae = cls[arch](cfg_cls[arch](d_in=D, d_sae=128, dtype="float64", normalize_activations="layer_norm",
+                                         metadata=SAEMetadata(hook_name=hook), **kw))
+    with torch.no_grad():
+        for name, p in sl_sae.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if name == "r_mag" else 1.0) / (D ** 0.5 if name == "W_enc" else 1))
+        if arch == "jumprelu":
+            sl_sae.threshold.copy_(torch.rand_like(sl_sae.threshold) * 0.5)
+    ids = rand_ids(2, 8)
+    want, y = saelens_recipe(model, sl_sae, ids, use_error_term)
+    assert float(want.max()) > 0
+
+    # gradsae takes the SAELens SAE and the HookedSAETransformer as they are; hook from the SAE
+    scorer = gradsae.GradSAE(model, sl_sae, mode="error" if use_error_term else "splice")
+    got = scorer.score(ids, objective="predicted_prob")
+    for b in range(2):
+        assert got[b].objective == pytest.approx(float(y[b]), rel=1e-10)
+        torch.testing.assert_close(got[b].scores, want[b], atol=1e-12 * float(want.abs().max()), rtol=1e-8)
