@@ -99,7 +99,8 @@ def f1(pred: str, golds) -> float:
 def extract_answer(text: str) -> str:
     """The label of ``Result = [[ label ]]`` (the first bracketed span; brackets and ``=``
     removed), or the whole text when there is none."""
-    m = re.search(r"\[\[\s*(.*?)\s*\]\]", text, flags=re.S) or re.search(r"\[\s*(.*?)\s*\]", text, flags=re.S)
+    m = re.search(r"\[\[\s*(.*?)\s*\]\]", text, flags=re.DOTALL)
+    m = m or re.search(r"\[\s*(.*?)\s*\]", text, flags=re.DOTALL)
     ans = m.group(1) if m else text
     return ans.replace("[", "").replace("]", "").replace("=", "").strip()
 
@@ -131,7 +132,7 @@ class ExperimentResult:
         lines = [f"examples: {self.n_total} asked, {self.n_kept} answered correctly by the spliced model (kept)"]
         ks = list(dict.fromkeys(r["K"] for r in self.rows))
         get = {(r["study"], r["method"], r["K"], r["selection"]): r for r in self.rows}
-        kname = lambda k: f"{int(k * 100)}%" if isinstance(k, float) else str(k)  # noqa: E731
+        kname = lambda k: f"{int(k * 100)}%" if isinstance(k, float) else str(k)
         for study in STUDIES:
             if not any(r["study"] == study for r in self.rows):
                 continue
@@ -264,5 +265,15 @@ def parse_ks(text: str):
     return tuple(out)
 
 
-__all__ = ["load_squad", "run_experiments", "ExperimentResult", "normalize_answer", "exact_match", "f1",
-           "extract_answer", "parse_ks", "donor_values", "PROMPT"]
+__all__ = [
+    "PROMPT",
+    "ExperimentResult",
+    "donor_values",
+    "exact_match",
+    "extract_answer",
+    "f1",
+    "load_squad",
+    "normalize_answer",
+    "parse_ks",
+    "run_experiments",
+]

@@ -4,9 +4,8 @@ its questions as "result = [[ label ]]" and an SAE that reconstructs exactly."""
 import json
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 
 from gradsae import experiments as ex
 from gradsae.cli import main

@@ -2,9 +2,8 @@
 (compared with the dense paper recipe on the full prefix at that step)."""
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 from oracle import random_sae
 
 from gradsae.errors import InputError
@@ -49,7 +48,7 @@ def test_scores_at_trigger_are_the_recipe_on_the_prefix(arch):
     g = sc.score_at_trigger(prompt, trigger=lambda t: t == target, max_new_tokens=6, stop_ids=[])
     assert g.trigger_step == step and len(g.token_ids) == step
     prefix = torch.cat([prompt, free[:step]])
-    ref, z, y = tm.paper_scores(m, sae, 0, prefix)
+    ref, z, _y = tm.paper_scores(m, sae, 0, prefix)
     err = (g.scores.scores - ref).abs().max()
     assert err <= 1e-9 * ref.abs().max()
     # Y is the probability of exactly the trigger token
@@ -60,7 +59,7 @@ def test_scores_at_trigger_are_the_recipe_on_the_prefix(arch):
 
 
 def test_text_trigger_is_a_substring_of_the_predicted_token():
-    m, sae, tok, sc = parts("llama")
+    _m, _sae, tok, sc = parts("llama")
     prompt = tok("the question is what river", return_tensors="pt")["input_ids"][0]
     free = sc.generate(prompt, max_new_tokens=8, stop_ids=[]).token_ids
     text = tok.decode([int(free[-1])])[:2]
@@ -74,7 +73,7 @@ def test_text_trigger_is_a_substring_of_the_predicted_token():
 
 
 def test_no_trigger_is_a_clear_error():
-    _, _, tok, sc = parts("gpt2")
+    _, _, _tok, sc = parts("gpt2")
     with pytest.raises(InputError, match="never predicted a token matching"):
         sc.score_at_trigger("the king of", trigger=lambda t: False, max_new_tokens=3)
     with pytest.raises(InputError, match="one prompt"):

@@ -1,9 +1,8 @@
 """Hook names resolve to the right tensors on every supported architecture."""
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 from oracle import random_sae
 
 from gradsae.errors import InputError

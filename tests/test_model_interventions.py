@@ -2,9 +2,8 @@
 the test (tests/tiny_models.dense_encode / dense_decode)."""
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 from oracle import random_sae
 
 from gradsae.errors import InputError
@@ -170,12 +169,9 @@ def test_interventions_act_on_every_generation_step(parts, positions):
 
 def test_bad_interventions(parts):
     _, _, sc, _ = parts
-    with pytest.raises(InputError, match="latent indices"):
-        with sc.intervene(zero=[DSAE]):
-            pass
-    with pytest.raises(InputError, match="latent indices"):
-        with sc.intervene(set={-1: 2.0}):
-            pass
-    with pytest.raises(InputError, match="positions"):
-        with sc.intervene(zero=[1], positions="first"):
-            pass
+    with pytest.raises(InputError, match="latent indices"), sc.intervene(zero=[DSAE]):
+        pass
+    with pytest.raises(InputError, match="latent indices"), sc.intervene(set={-1: 2.0}):
+        pass
+    with pytest.raises(InputError, match="positions"), sc.intervene(zero=[1], positions="first"):
+        pass

@@ -2,9 +2,8 @@
 recipe (tests/tiny_models.paper_scores), splice and error modes, batches, padding."""
 
 import pytest
-import torch
-
 import tiny_models as tm
+import torch
 from oracle import random_sae
 
 from gradsae.errors import InputError
@@ -34,13 +33,13 @@ def assert_close(a, b, tol):
     assert err <= tol * max(scale, 1e-30), f"max error {err:.3e} vs scale {scale:.3e}"
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "gpt_neox", "qwen2"])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_scores_match_paper_recipe(arch, layer):
     m, sae, tok = setup(arch, seed=layer)
     sc = GradSAE(m, sae, hook=f"blocks.{layer}.hook_resid_post", tokenizer=tok)
     for text in PROMPTS[:2]:
-        ref, z, y = paper_ref = tm.paper_scores(m, sae, layer, ids_of(tok, text))
+        ref, z, y = tm.paper_scores(m, sae, layer, ids_of(tok, text))
         got = sc.score(text)
         assert abs(got.objective - y) <= 1e-10
         assert_close(got.scores, ref, 1e-9)
@@ -93,7 +92,7 @@ def test_error_mode_keeps_forward_and_matches_recipe(arch):
     m, sae, tok = setup(arch)
     sc = GradSAE(m, sae, hook="blocks.0.hook_resid_post", mode="error", tokenizer=tok)
     ids = ids_of(tok, PROMPTS[0])
-    ref, _, y = tm.paper_scores(m, sae, 0, ids, mode="error")
+    ref, _, _y = tm.paper_scores(m, sae, 0, ids, mode="error")
     with torch.no_grad():
         plain = m(ids[None]).logits
     attr = sc.attribute(ids, objective="predicted_prob")
@@ -132,7 +131,7 @@ def test_objectives_match_recipe(objective):
     ids = ids_of(tok, PROMPTS[0])
     if objective == "callable":
         kw, fn = {}, (lambda lg, ids_: lg[-2].softmax(-1)[5])
-        obj = lambda logits, input_ids, mask: logits[:, -2].softmax(-1)[:, 5]  # noqa: E731
+        obj = lambda logits, input_ids, mask: logits[:, -2].softmax(-1)[:, 5]
     else:
         kw, fn = _objectives(tok)[objective]
         obj = objective

@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import torch
 
-WORDS = (
-    "the a an of to in is was and for on with as by at from that this it be are "
-    "question answer context result = [[ ]] [ ] label please organize your final format "
-    "what who when where which how many bowl game team city year river king queen music "
-    "science water fire stone light dark north south east west red green blue one two three "
-    "four five six seven eight nine ten : . , ? !"
-).split()
+WORDS = ["the", "a", "an", "of", "to", "in", "is", "was", "and", "for", "on", "with", "as", "by", "at", "from", "that", "this", "it", "be", "are", "question", "answer", "context", "result", "=", "[[", "]]", "[", "]", "label", "please", "organize", "your", "final", "format", "what", "who", "when", "where", "which", "how", "many", "bowl", "game", "team", "city", "year", "river", "king", "queen", "music", "science", "water", "fire", "stone", "light", "dark", "north", "south", "east", "west", "red", "green", "blue", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", ":", ".", ",", "?", "!"]
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
@@ -36,9 +30,9 @@ ARCHS = ("gpt2", "llama", "gemma2", "gpt_neox", "qwen2", "mistral", "qwen3", "ge
 def config(arch: str, d: int = 32, layers: int = 2, vocab: int = VOCAB):
     import transformers as tf
 
-    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    attn = dict(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers,
-                num_attention_heads=4, max_position_embeddings=128)
+    common = {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    attn = {"hidden_size": d, "intermediate_size": 2 * d, "num_hidden_layers": layers,
+                "num_attention_heads": 4, "max_position_embeddings": 128}
     if arch == "gpt2":
         return tf.GPT2Config(n_layer=layers, n_embd=d, n_head=4, n_positions=128, resid_pdrop=0.0,
                              embd_pdrop=0.0, attn_pdrop=0.0, **common)

@@ -7,8 +7,7 @@ paper's local steering from a donor prompt.
 
 from __future__ import annotations
 
-from ._model import (add_model_arguments, build_scorer, emit, parse_k, parse_latents, parse_pairs,
-                     read_prompt)
+from ._model import add_model_arguments, build_scorer, emit, parse_k, parse_latents, parse_pairs, read_prompt
 
 HELP = "generate with latents zeroed / set / added, or steered from a donor prompt"
 

@@ -9,7 +9,17 @@ from .scorer import Attribution, GradSAE
 from .splice import Splice
 
 __all__ = [
-    "GradSAE", "Attribution", "PromptScores", "ScoreResult", "Generation", "Intervention",
-    "HookPoint", "Splice", "resolve_hook", "attach_replacement", "valid_names", "generate",
+    "Attribution",
+    "Generation",
+    "GradSAE",
+    "HookPoint",
+    "Intervention",
+    "PromptScores",
+    "ScoreResult",
+    "Splice",
+    "attach_replacement",
+    "generate",
+    "resolve_hook",
     "score_at_trigger",
+    "valid_names",
 ]

@@ -69,7 +69,7 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
     if stop_ids is None:
         eos = getattr(tok, "eos_token_id", None) if tok is not None else None
         stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    stop = set(int(s) for s in stop_ids)
+    stop = {int(s) for s in stop_ids}
     sp = scorer.splice
     if use_cache is None:
         use_cache = not any(iv.positions == "last" for iv in sp.interventions)

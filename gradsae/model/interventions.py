@@ -46,7 +46,7 @@ class Intervention:
     add: dict[int, float] = field(default_factory=dict)
     positions: str = "all"
 
-    def validate(self, d_sae: int) -> "Intervention":
+    def validate(self, d_sae: int) -> Intervention:
         if self.positions not in POSITIONS:
             raise InputError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         _latents("zero", self.zero, d_sae)
@@ -61,7 +61,7 @@ class Intervention:
         from .splice import delta_decode
 
         dev = idx.device
-        where = (lambda m: m) if pos is None else (lambda m: m & pos.unsqueeze(-1))  # noqa: E731
+        where = (lambda m: m) if pos is None else (lambda m: m & pos.unsqueeze(-1))
         if len(self.zero):
             z = torch.as_tensor(list(self.zero), dtype=torch.long, device=dev)
             kill = where(torch.isin(idx, z) & (idx >= 0))

@@ -72,7 +72,7 @@ class PromptScores:
         cand = torch.nonzero(self.scores != 0).flatten()
         return self._pick(cand, False, K, strict, "latents with a non-zero score")
 
-    def activation_baseline(self) -> "PromptScores":
+    def activation_baseline(self) -> PromptScores:
         """The same prompt ranked by mean activation over positions instead of influence."""
         return PromptScores(self.mean_acts, self.active, self.active_last, self.last_acts,
                             self.mean_acts, self.objective)

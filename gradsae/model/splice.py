@@ -49,7 +49,7 @@ class Recorder:
 
 class _SpliceFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, anchor, h, splice):  # noqa: D401 - autograd API
+    def forward(ctx, anchor, h, splice):
         out, idx, acts, hd = splice._compute(h, clone=True)
         entry = _Entry(idx, acts, hd)
         splice.recorder.entries.append(entry)
