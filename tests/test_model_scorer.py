@@ -219,3 +219,36 @@ def test_bad_inputs():
         sc.score("the king", position=5)
     with pytest.raises(InputError, match="mode"):
         GradSAE(m, sae, hook="blocks.0.hook_resid_post", mode="replace")
+
+
+@pytest.mark.parametrize("normalize,rescale", [("constant_norm_rescale", True), ("layer_norm", False)])
+def test_normalising_sae_matches_float64_oracle(normalize, rescale):
+    from oracle import assert_matches_oracle, dense_oracle
+
+    m = tm.model("llama", d=D, scale=3.0).double()
+    sae = random_sae(D, 96, "topk", k=6, normalize=normalize, rescale=rescale, dtype=torch.float64)
+    ids = torch.randint(4, tm.VOCAB, (2, 7))
+    sc = GradSAE(m, sae, hook="blocks.0.hook_resid_post")
+    attr = sc.attribute(ids, objective="loss")
+    # dense run: the hook output is the SAE's dense reconstruction of the detached input;
+    # D = dY/d(hook output) from autograd, then the float64 oracle gives every dY/dz
+    seen = {}
+
+    def hook(mod, args, out):
+        x = out.detach()
+        y = sae.decode(sae.encode(x), x).requires_grad_(True)
+        y.retain_grad()
+        seen["x"], seen["y"] = x, y
+        return y
+
+    h = m.model.layers[0].register_forward_hook(hook)
+    try:
+        logits = m(ids).logits
+        loss = torch.stack([torch.nn.functional.cross_entropy(lg[:-1], t[1:]) for lg, t in zip(logits, ids)]).sum()
+        loss.backward()
+    finally:
+        h.remove()
+        m.zero_grad(set_to_none=True)
+    assert torch.allclose(attr.logits, logits.detach(), atol=1e-10)
+    orc = dense_oracle(sae, seen["x"], seen["y"].grad)
+    assert_matches_oracle(attr.influence, orc, sae, atol=1e-9, rtol=1e-7)
