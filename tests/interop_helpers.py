@@ -46,13 +46,15 @@ def assert_influence_matches_library(sae, encode, decode, x: torch.Tensor, *, at
     assert int((want != 0).sum()) > 0
 
 
-def assert_same_sae(a: gradsae.SAE, b: gradsae.SAE):
-    """Two gradsae SAEs are the same SAE: equal weights, thresholds and options."""
+def assert_same_sae(a: gradsae.SAE, b: gradsae.SAE, *, atol: float = 0.0, rtol: float = 0.0):
+    """Two gradsae SAEs are the same SAE: equal weights (exactly, by default), thresholds and
+    options."""
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0, rtol=0, msg=name)
+        x, y = getattr(a, name), getattr(b, name)
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
     assert (a.activation, a.k, a.apply_b_dec_to_input, a.normalize_activations, a.rescale_acts_by_decoder_norm) == (
         b.activation, b.k, b.apply_b_dec_to_input, b.normalize_activations, b.rescale_acts_by_decoder_norm)
     if a.threshold is None or b.threshold is None:
         assert a.threshold is None and b.threshold is None
     else:
-        torch.testing.assert_close(a.selection_threshold(), b.selection_threshold(), atol=0, rtol=0)
+        torch.testing.assert_close(a.selection_threshold(), b.selection_threshold(), atol=atol, rtol=rtol)

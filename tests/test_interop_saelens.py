@@ -126,13 +126,21 @@ def test_unsupported_saelens_architectures_are_refused_by_name():
         gradsae.SAE.from_object(abstopk)
     assert "AbsTopKSAE" in str(e.value) and "supported" in str(e.value)
 
+
+def test_hook_z_sae_reads_the_heads_flattened():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hook_z = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
-            d_in=D_IN, d_sae=D_SAE, reshape_activations="hook_z",
-            metadata=SAEMetadata(hook_name="blocks.0.attn.hook_z")))
-    with pytest.raises(InputError, match="hook_z"):
-        gradsae.SAE.from_object(hook_z)
+        lib = randomize(sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
+            d_in=D_IN, d_sae=D_SAE, dtype="float64", reshape_activations="hook_z",
+            metadata=SAEMetadata(hook_name="blocks.0.attn.hook_z"))))
+    sae = gradsae.SAE.from_object(lib)
+    assert sae.meta.extra["reshape_activations"] == "hook_z"
+    x = torch.randn(2, 5, 4, D_IN // 4, dtype=torch.float64)   # [batch, pos, n_heads, d_head]
+    z_lib = lib.encode(x).detach()
+    z = sae.encode(x.flatten(-2))
+    torch.testing.assert_close(z, z_lib, atol=1e-10, rtol=0)
+    torch.testing.assert_close(sae.decode(z).unflatten(-1, (4, D_IN // 4)), lib.decode(z_lib).detach(),
+                               atol=1e-10, rtol=0)
 
 
 def test_not_an_sae_is_refused_with_the_supported_list():

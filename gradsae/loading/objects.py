@@ -7,7 +7,9 @@ imported here, so this works whichever of them are installed):
   (with or without ``rescale_acts_by_decoder_norm``), ``jumprelu``, ``gated``, and the
   training-only ``batchtopk`` / ``matryoshka_batchtopk`` (evaluated in the JumpReLU form
   SAELens saves them in for inference). The input normalisation (``constant_norm_rescale``,
-  ``layer_norm``) and ``apply_b_dec_to_input`` are carried over; ``expected_average_only_in``
+  ``layer_norm``) and ``apply_b_dec_to_input`` are carried over; attention-output (``hook_z``)
+  SAEs read the heads flattened into ``d_in = n_heads * d_head`` and are flagged
+  ``metadata["reshape_activations"] = "hook_z"``, as gradsae's SAELens loader does; ``expected_average_only_in``
   and ``covariance_whitening`` are identities in SAELens' own ``encode`` (they are folded into
   the weights at load time), so they are identities here too.
 - **EleutherAI sparsify** (``sparsify``) ``SparseCoder`` (alias ``Sae``) with the ``topk``
@@ -121,12 +123,9 @@ def _from_saelens(obj: Any) -> SAE:
     if cfg is None or not hasattr(cfg, "architecture"):
         raise _unsupported(obj, "a SAELens object without a cfg.architecture() is not an SAE")
     arch = cfg.architecture()
-    if getattr(cfg, "reshape_activations", "none") not in (None, "none"):
-        raise _unsupported(
-            obj,
-            f"reshape_activations={cfg.reshape_activations!r} (hook_z SAEs take "
-            "[..., n_heads, d_head] inputs; gradsae SAEs take [..., d_in])",
-        )
+    reshape = getattr(cfg, "reshape_activations", "none") or "none"
+    if reshape not in ("none", "hook_z"):
+        raise _unsupported(obj, f"reshape_activations={reshape!r} is unknown")
     norm = getattr(cfg, "normalize_activations", "none") or "none"
     if norm not in _SAELENS_NORMS:
         raise _unsupported(obj, f"normalize_activations={norm!r} is unknown")
@@ -138,6 +137,9 @@ def _from_saelens(obj: Any) -> SAE:
         return meta.get(key) if hasattr(meta, "get") else getattr(meta, key, None)
 
     extra = {"library": "sae_lens", "architecture": arch, "class": type(obj).__name__}
+    if reshape == "hook_z" or str(metaget("hook_name") or "").endswith("hook_z"):
+        # as gradsae's SAELens loader: the SAE reads the heads flattened into d_in
+        extra["reshape_activations"] = "hook_z"
     if norm != _SAELENS_NORMS[norm]:
         extra["normalize_activations"] = norm
     for key in ("hook_head_index", "prepend_bos", "context_size", "dataset_path"):
@@ -179,7 +181,7 @@ def _from_saelens(obj: Any) -> SAE:
         extra["inference_form"] = "jumprelu with the learned topk_threshold"
         return SAE(
             _t(W_enc), _t(obj.b_enc), _t(W_dec), _t(b_dec), activation="jumprelu",
-            threshold=float(thr),
+            threshold=torch.as_tensor(thr).detach().to(device=W_enc.device, dtype=W_enc.dtype),
             rescale_acts_by_decoder_norm=bool(getattr(cfg, "rescale_acts_by_decoder_norm", False)),
             **kw,
         )
