@@ -55,6 +55,19 @@ def test_saelens_save_model_loads_as_from_object(tmp_path, arch, kw, norm, apply
     assert_encode_decode_equal(loaded, lib.encode, lib.decode, x)
 
 
+@pytest.mark.parametrize("norm", ["none", "layer_norm"])
+def test_saelens_gated_checkpoint_loads_as_from_object(tmp_path, norm):
+    """Gated SAEs load in their exact JumpReLU form, through either road."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[compat]')")
+    lib = randomize(quiet(sae_lens.GatedSAE, sae_lens.GatedSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, dtype="float64", normalize_activations=norm)))
+    lib.save_model(tmp_path / "g")
+    loaded = gradsae.load_sae(tmp_path / "g")
+    assert_same_sae(loaded, gradsae.SAE.from_object(lib))
+    assert_same_sae(loaded, gradsae.SAE.from_object(quiet(sae_lens.SAE.load_from_disk, tmp_path / "g")))
+    assert_encode_decode_equal(loaded, lib.encode, lib.decode, torch.randn(9, D_IN, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("rescale", [False, True])
 def test_saelens_batchtopk_checkpoints_load_as_from_object(tmp_path, rescale):
     sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[compat]')")

@@ -99,12 +99,17 @@ def _unsupported(obj: Any, why: str) -> InputError:
     return InputError(f"cannot wrap {_type_name(obj)}: {why}; supported: {SUPPORTED}")
 
 
-def _gated(W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, **kw) -> SAE:
-    """The exact JumpReLU form of a gated SAE (see the module docstring)."""
+def gated_as_jumprelu(W_enc, b_gate, r_mag, b_mag) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W_enc, b_enc, threshold)`` of the JumpReLU SAE equal to a gated SAE with shared encoder
+    ``W_enc [d_in, d_sae]``, gate bias ``b_gate``, magnitude scale ``r_mag`` and magnitude bias
+    ``b_mag`` (see the module docstring for why this is exact)."""
     scale = _t(r_mag).exp()
-    W_mag = _t(W_enc) * scale
-    threshold = _t(b_mag) - scale * _t(b_gate)
-    return SAE(W_mag, _t(b_mag), _t(W_dec), _t(b_dec), activation="jumprelu", threshold=threshold, **kw)
+    return _t(W_enc) * scale, _t(b_mag), _t(b_mag) - scale * _t(b_gate)
+
+
+def _gated(W_enc, b_gate, r_mag, b_mag, W_dec, b_dec, **kw) -> SAE:
+    W_mag, b_enc, threshold = gated_as_jumprelu(W_enc, b_gate, r_mag, b_mag)
+    return SAE(W_mag, b_enc, _t(W_dec), _t(b_dec), activation="jumprelu", threshold=threshold, **kw)
 
 
 # ----------------------------------------------------------------------------------- SAELens

@@ -25,8 +25,9 @@ otherwise the setting is recorded in the metadata and the weights are used as th
 
 Attention-output SAEs (``hook_z``) work on the heads flattened into one vector of
 ``d_in = n_heads * d_head``; ``metadata["reshape_activations"] == "hook_z"`` tells the caller to
-flatten. Gated SAEs, transcoders and other architectures are refused with an error that names
-them.
+flatten. Gated SAEs (``b_gate``, ``b_mag``, ``r_mag``) load as their exact JumpReLU form (see
+:func:`gradsae.loading.objects.gated_as_jumprelu`). Transcoders and other architectures are
+refused with an error that names them.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SCALER_FILENAME = "activation_scaler.json"
 
-SUPPORTED = ("standard", "topk", "jumprelu", "batchtopk")
+SUPPORTED = ("standard", "topk", "jumprelu", "batchtopk", "gated")
+_GATED_TENSORS = ("b_gate", "b_mag", "r_mag")  # a gated SAE, evaluated in its exact JumpReLU form
 # tensors of architectures gradsae cannot evaluate: their presence must not be ignored
 _FOREIGN_TENSORS = ("W_skip", "b_gate", "b_mag", "r_mag", "W_dec_out", "b_dec_out")
 # config keys that the maths consumes (everything else is kept as metadata)
@@ -107,7 +109,7 @@ def _architecture(cfg: dict, cfg_file: Path) -> tuple[str, int | None]:
         raise fail(
             cfg_file,
             f"unsupported SAE architecture {arch!r}; gradsae loads {', '.join(SUPPORTED)} "
-            "(gated SAEs and transcoders cannot be evaluated as encode/decode SAEs)",
+            "(transcoders cannot be evaluated as encode/decode SAEs)",
         )
     if arch == "topk":
         if k is None:
@@ -124,21 +126,27 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
     cfg = read_json(cfg_file, "SAELens config")
     arch, k = _architecture(cfg, cfg_file)
     tensors = read_safetensors(weights_file)
-    foreign = [n for n in _FOREIGN_TENSORS if n in tensors]
+    foreign = [n for n in _FOREIGN_TENSORS if n in tensors and not (arch == "gated" and n in _GATED_TENSORS)]
     if foreign:
         raise fail(weights_file, f"holds {foreign}, tensors of an architecture gradsae does not support")
 
     W_enc = get_tensor(tensors, "W_enc", weights_file)
     W_dec = get_tensor(tensors, "W_dec", weights_file)
     b_dec = get_tensor(tensors, "b_dec", weights_file)
-    b_enc = get_tensor(tensors, "b_enc", weights_file)
+    b_enc = get_tensor(tensors, "b_mag" if arch == "gated" else "b_enc", weights_file)
     if W_enc.dim() != 2:
         raise fail(weights_file, f"tensor 'W_enc' has shape {list(W_enc.shape)}, expected [d_in, d_sae]")
     d_in, d_sae = W_enc.shape
     check_config_dims(weights_file, cfg_file, d_in, d_sae, cfg.get("d_in"), cfg.get("d_sae"))
 
     threshold = None
-    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu"}[arch]
+    activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                  "gated": "jumprelu"}[arch]
+    if arch == "gated":
+        from .objects import gated_as_jumprelu
+
+        gate = [get_tensor(tensors, n, weights_file) for n in ("b_gate", "r_mag", "b_mag")]
+        W_enc, b_enc, threshold = gated_as_jumprelu(W_enc, *gate)
     if arch == "jumprelu":
         if "threshold" in tensors:
             threshold = get_tensor(tensors, "threshold", weights_file)
