@@ -37,6 +37,9 @@ def _want_cuda() -> bool:
 ext_modules = []
 cmdclass = {}
 if _want_cuda():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # PEP 517 builds leave it off sys.path
     from csrc.build import cuda_extension  # noqa: E402  (only needed when building CUDA)
 
     ext, build_cls = cuda_extension()

@@ -213,9 +213,10 @@ def test_influence_at_gather_dot(dtype):
     torch.testing.assert_close(strided.grads, ours.grads, rtol=1e-6, atol=1e-6)
 
 
-def _stats_close(a: LatentStats, b: LatentStats, rtol=1e-5, atol=1e-6):
+def _stats_close(a: LatentStats, b: LatentStats, rtol=1e-5):
     assert a.tokens == b.tokens
     assert torch.equal(a.count.cpu(), b.count.cpu())
+    atol = 1e-5 * float(b.abs_sum.max())  # float32 scores; sums of mixed signs cancel
     for f in ("act_sum", "score_sum", "relu_sum", "abs_sum", "score_max"):
         ta, tb = getattr(a, f).cpu(), getattr(b, f).cpu()
         torch.testing.assert_close(ta, tb, rtol=rtol, atol=atol, msg=f)

@@ -53,6 +53,10 @@ def _load():
     return _lib
 
 
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -140,6 +144,12 @@ class CudaBackend:
 
     def _encode(self, req: Request):
         """Active set of every row: (indices int64 [N, K], acts float32 [N, K], row_scale or None)."""
+        # torch's current device follows the tensors', so both CUDA runtimes (torch's and the
+        # module's static one) agree on the current context during and after the launches.
+        with torch.cuda.device(req.x.device):
+            return self._encode_on_device(req)
+
+    def _encode_on_device(self, req: Request):
         lib = _load()
         sae = req.sae
         x = req.x
@@ -241,7 +251,7 @@ class CudaBackend:
         """``g[n, s] = row_scale[n] * col_scale[idx] * (W_dec[idx[n, s]] . D[n])``, 0 where
         idx < 0, in float32 (same contract as :func:`gradsae.backends.reference.gather_dot`)."""
         lib = _load()
-        if lib is None or W_dec.device.type != "cuda" or W_dec.dtype not in _CODES:
+        if lib is None or not _on_gpu(W_dec) or W_dec.dtype not in _CODES:
             from .reference import gather_dot
 
             return gather_dot(W_dec, idx, D, row_scale, col_scale)
@@ -250,8 +260,9 @@ class CudaBackend:
             raise InputError(f"indices reach {int(idx.max())} but the SAE has d_sae={W_dec.shape[0]} latents")
         out = torch.empty((n, K), dtype=torch.float32, device=idx.device)
         args, keep = self._gather_args(W_dec, idx, D, row_scale, col_scale)
-        launch = _Launch(idx.device)
-        lib.gather_dot(device=launch.index, stream=launch.stream, out=out.data_ptr(), **args)
+        with torch.cuda.device(idx.device):
+            launch = _Launch(idx.device)
+            lib.gather_dot(device=launch.index, stream=launch.stream, out=out.data_ptr(), **args)
         del keep
         return out
 
@@ -266,9 +277,10 @@ class CudaBackend:
         without materialising scores: the gather-dot kernel adds each active slot into the
         per-latent buffers. ``mask`` (``[N]`` booleans) selects the rows that count.
         ``req.deterministic``: sort by latent and reduce each latent's entries in input order."""
-        lib = _load()
         sae = req.sae
         n = req.n
+        if stats.d_sae != sae.d_sae:
+            raise InputError(f"stats have d_sae={stats.d_sae} but the SAE has d_sae={sae.d_sae}")
         if mask is not None:
             mask = mask.reshape(-1).to(device=req.x.device, dtype=torch.bool).contiguous()
             if mask.numel() != n:
@@ -286,8 +298,13 @@ class CudaBackend:
             grads = self.gather_dot(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
             stats.update(Influence(idx, acts, grads, acts * grads, sae.d_sae), mask, deterministic=req.deterministic)
             return
-        if stats.d_sae != sae.d_sae:
-            raise InputError(f"stats have d_sae={stats.d_sae} but the SAE has d_sae={sae.d_sae}")
+        with torch.cuda.device(req.x.device):
+            self._accumulate_on_device(req, stats, mask, idx, acts, row_scale)
+        stats.tokens += int(mask.sum()) if mask is not None else n
+
+    def _accumulate_on_device(self, req, stats, mask, idx, acts, row_scale) -> None:
+        lib = _load()
+        sae = req.sae
         launch = _Launch(req.x.device)
         ptrs = dict(count=stats.count.data_ptr(), act_sum=stats.act_sum.data_ptr(),
                     score_sum=stats.score_sum.data_ptr(), relu_sum=stats.relu_sum.data_ptr(),
@@ -310,7 +327,6 @@ class CudaBackend:
             lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
                            **args, **ptrs)
             del keep
-        stats.tokens += int(mask.sum()) if mask is not None else n
 
 
 register_backend(CudaBackend())
