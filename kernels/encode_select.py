@@ -194,7 +194,7 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     args = (a, W_enc, bias, scale, part, n, d_in, d_sae, cols, a.stride(0), W_enc.stride(0), S * KP)
     flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
-        meta, warps, stages = fixed_config(KP)
+        meta, warps, stages = fixed_config(KP, cols, n)
         grid = (triton.cdiv(n, meta["BM"]) * S,)
         _encode_topk_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
@@ -236,7 +236,7 @@ def encode_threshold(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, t
             a.stride(0), W_enc.stride(0))
     flags = dict(HAS_SCALE=dec_norm is not None, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
-        meta, warps, stages = fixed_config(1)
+        meta, warps, stages = fixed_config(1, cols, n)
         grid = (triton.cdiv(n, meta["BM"]) * S,)
         _encode_threshold_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:

@@ -29,44 +29,30 @@ def pack_keys(v, cols):
     return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
 
+# The combine functions of tl.min / tl.max, used through tl.reduce directly: the same code on
+# the GPU, and the interpreter recognises them (numpy fast path, no per-call patching).
+_min_of = tl.standard._elementwise_min
+_max_of = tl.standard._elementwise_max
+
+
 @constexpr_function
 def _log2(n):
     return int(n).bit_length() - 1
 
 
 @triton.jit
-def _side(n_dims: tl.constexpr, axis: tl.constexpr):
-    """0 for the first, 1 for the second element along hypercube ``axis`` (broadcastable)."""
-    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (n_dims - axis - 1))
+def merge_running_topk(best, keys, KP: tl.constexpr):
+    """Merge a tile of keys ``[BM, BN]`` (powers of two, BN >= KP) into the running
+    top-``KP`` ``best`` ``[BM, KP]``, sorted descending; returns the new ``best``.
 
-
-@triton.jit
-def _exchange(h, desc, axis: tl.constexpr, n_dims: tl.constexpr):
-    """Compare-exchange the pairs along hypercube ``axis``: the pair's min goes first where
-    ``desc`` is 0, second where it is 1 (``desc`` broadcasts against ``h``)."""
-    lo = tl.min(h, axis=axis, keep_dims=True)
-    hi = tl.max(h, axis=axis, keep_dims=True)
-    return tl.where((_side(n_dims, axis) ^ desc) != 0, hi, lo)
-
-
-@triton.jit
-def _merge_runs(h, run_log: tl.constexpr, desc, n_dims: tl.constexpr):
-    """Bitonic merge of every run of 2^run_log elements of the hypercube ``h`` (rows along
-    its last axes): strides 2^(run_log-1) down to 1."""
-    for i in tl.static_range(run_log):
-        h = _exchange(h, desc, n_dims - run_log + i, n_dims)
-    return h
-
-
-@triton.jit
-def bitonic_topk(keys, KP: tl.constexpr, DESC: tl.constexpr):
-    """The ``KP`` largest of each row of ``keys`` ``[BM, BN]`` (powers of two, BN >= KP),
-    sorted descending (``DESC``) or ascending.
-
-    A bitonic network on the tensor viewed as a hypercube of 2s: runs of KP are sorted with
-    alternating directions; then neighbouring runs are halved by an elementwise max (which
-    keeps the KP largest of the pair as a bitonic run) and re-merged, until one run is left.
-    Every compare-exchange is a min and a max over one size-2 axis.
+    A bitonic network on the tile viewed as a hypercube of 2s (rows on the leading axes):
+    runs of KP are sorted in alternating directions; neighbouring runs are halved by an
+    elementwise max (which keeps the KP largest of the pair as a bitonic run) and re-merged,
+    until each row holds its KP largest in ascending order. Against ``best`` (descending) an
+    elementwise max is again a bitonic run holding the KP largest of both, and one descending
+    merge sorts it. Every compare-exchange is a min and a max over one size-2 axis, and the
+    network is written out inline (device-function calls are free on the GPU but costly in
+    the interpreter).
     """
     BM: tl.constexpr = keys.shape[0]
     BN: tl.constexpr = keys.shape[1]
@@ -74,32 +60,42 @@ def bitonic_topk(keys, KP: tl.constexpr, DESC: tl.constexpr):
     LOG_N: tl.constexpr = _log2(BN)
     ND: tl.constexpr = _log2(BM * BN)
     h = tl.reshape(keys, [2] * ND)
+    # 1) sort runs of KP; run r of size 2^s goes ascending when bit s of its position is 0
     for s in tl.static_range(1, LOG_K + 1):
         if s < LOG_N:
-            h = _merge_runs(h, s, _side(ND, ND - 1 - s), ND)
+            desc = tl.reshape(tl.arange(0, 2), [1] * (ND - 1 - s) + [2] + [1] * s)
         else:
-            h = _merge_runs(h, s, DESC, ND)
-    for i in tl.static_range(LOG_K + 1, LOG_N + 1):
-        h = tl.max(h, axis=ND - (i - LOG_K) - LOG_K, keep_dims=False)
-        nd_now: tl.constexpr = ND - (i - LOG_K)
-        if i < LOG_N:
-            h = _merge_runs(h, LOG_K, _side(nd_now, nd_now - 1 - LOG_K), nd_now)
+            desc = tl.zeros([1] * ND, dtype=tl.int32)  # one run per row: ascending
+        for i in tl.static_range(s):
+            ax: tl.constexpr = ND - s + i
+            side = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (ND - ax - 1))
+            lo = tl.reduce(h, ax, _min_of, keep_dims=True)
+            hi = tl.reduce(h, ax, _max_of, keep_dims=True)
+            h = tl.where((side ^ desc) != 0, hi, lo)
+    # 2) halve: keep the larger of each pair of neighbouring runs, re-merge
+    for r in tl.static_range(LOG_K + 1, LOG_N + 1):
+        nd: tl.constexpr = ND - (r - LOG_K)
+        h = tl.reduce(h, nd - LOG_K, _max_of)
+        if r < LOG_N:
+            desc = tl.reshape(tl.arange(0, 2), [1] * (nd - 1 - LOG_K) + [2] + [1] * LOG_K)
         else:
-            h = _merge_runs(h, LOG_K, DESC, nd_now)
-    return tl.reshape(h, [BM, KP])
-
-
-@triton.jit
-def merge_running_topk(best, keys, KP: tl.constexpr):
-    """Merge a tile of keys ``[BM, BN]`` into the running top-``KP`` ``best`` ``[BM, KP]``
-    (sorted descending). The tile's top-KP in ascending order against ``best`` gives, by an
-    elementwise max, a bitonic run holding the KP largest of both; one merge sorts it."""
-    BM: tl.constexpr = best.shape[0]
-    ND: tl.constexpr = _log2(BM * KP)
-    LOG_K: tl.constexpr = _log2(KP)
-    top = bitonic_topk(keys, KP, 0)
-    cand = tl.reshape(tl.maximum(best, top), [2] * ND)
-    return tl.reshape(_merge_runs(cand, LOG_K, 1, ND), [BM, KP])
+            desc = tl.zeros([1] * nd, dtype=tl.int32)
+        for i in tl.static_range(LOG_K):
+            ax: tl.constexpr = nd - LOG_K + i
+            side = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (nd - ax - 1))
+            lo = tl.reduce(h, ax, _min_of, keep_dims=True)
+            hi = tl.reduce(h, ax, _max_of, keep_dims=True)
+            h = tl.where((side ^ desc) != 0, hi, lo)
+    # 3) merge into the running best, descending
+    NB: tl.constexpr = _log2(BM * KP)
+    c = tl.reshape(tl.maximum(best, tl.reshape(h, [BM, KP])), [2] * NB)
+    for i in tl.static_range(LOG_K):
+        ax: tl.constexpr = NB - LOG_K + i
+        side = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (NB - ax - 1))
+        lo = tl.reduce(c, ax, _min_of, keep_dims=True)
+        hi = tl.reduce(c, ax, _max_of, keep_dims=True)
+        c = tl.where(side != 0, lo, hi)
+    return tl.reshape(c, [BM, KP])
 
 
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,16 +76,19 @@ def prune_encode_configs(configs, named_args, **kwargs):
     return [triton.Config(kw, num_stages=base.num_stages, num_warps=base.num_warps)]
 
 
-def interpreter_config(kp: int) -> dict:
-    """The one tile shape used under the interpreter (and in deterministic mode on CPU)."""
-    return {"BM": 32, "BN": max(64, next_pow2(kp)), "BK": 32}
+def interpreter_config(kp: int, cols: int, n: int) -> dict:
+    """The tile shape used under the interpreter: few, wide tiles (numpy is fast per element
+    and slow per operation), at least KP wide, at most 8192 (``cols`` = columns per split),
+    and no more rows than there are tokens (``n``)."""
+    return {"BM": min(32, next_pow2(max(n, 2))), "BN": max(64, next_pow2(kp), min(8192, next_pow2(cols) // 2)), "BK": 32}
 
 
-def fixed_config(kp: int) -> tuple[dict, int, int]:
+def fixed_config(kp: int, cols: int, n: int) -> tuple[dict, int, int]:
     """A fixed (not autotuned) configuration: meta-parameters, num_warps, num_stages.
-    Used for deterministic runs so the accumulation order never depends on a tuning race."""
+    Used for deterministic runs so the accumulation order never depends on a tuning race,
+    and under the interpreter."""
     if interpreting() or not torch.cuda.is_available():
-        return interpreter_config(kp), 1, 1
+        return interpreter_config(kp, cols, n), 1, 1
     bn = max(128, next_pow2(kp))
     bm = 64 if bn <= 128 else 32
     major, _ = torch.cuda.get_device_capability()
