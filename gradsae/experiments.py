@@ -37,16 +37,30 @@ PROMPT = (
     "Answer the following question based on the context.\nContext:\n{context}\n\nQuestion:\n"
     "{question}\n\nPlease organize your final answer in this format: \"Result = [[ label ]]\"\n"
 )
+# The released code's prompt for Gemma-2 instruction models: an open user turn.
+PROMPT_GEMMA_RELEASED = "<start_of_turn>user\n" + PROMPT
 DEFAULT_KS = (1, 10, 20, 30, 0.5)
 METHODS = ("gradsae", "activation")
 STUDIES = ("perturbation", "steering")
 
 
 # ---------------------------------------------------------------------------------- data
-def load_squad(path, limit: int | None = None) -> list[dict]:
+def load_squad(path, limit: int | None = None, sample: int | None = None, seed: int = 42) -> list[dict]:
     """Questions of a SQuAD v1.1-format JSON file (``{"data": [{"paragraphs": [{"context",
-    "qas": [{"id", "question", "answers": [{"text"}]}]}]}]}``), in file order:
-    ``[{"id", "context", "question", "answers": [str]}]``."""
+    "qas": [{"id", "question", "answers": [{"text"}]}]}]}]}``):
+    ``[{"id", "context", "question", "answers": [str]}]``, the first ``limit`` in file order, or
+    ``sample`` drawn at random with ``seed`` (the released code samples 1000 with seed 42)."""
+    rows = _read_squad(path, None if sample is not None else limit)
+    if sample is not None:
+        import random
+
+        if sample > len(rows):
+            raise InputError(f"{path}: cannot sample {sample} of {len(rows)} questions")
+        rows = [rows[i] for i in random.Random(seed).sample(range(len(rows)), sample)]
+    return rows
+
+
+def _read_squad(path, limit):
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -267,6 +281,7 @@ def parse_ks(text: str):
 
 __all__ = [
     "PROMPT",
+    "PROMPT_GEMMA_RELEASED",
     "ExperimentResult",
     "donor_values",
     "exact_match",

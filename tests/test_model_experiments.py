@@ -169,3 +169,24 @@ def test_cli_errors(qa, capsys):
     assert main(["steer", *common, "--prompt", "the king"]) == 2
     assert "nothing to do" in capsys.readouterr().err
     assert main(["experiment", *common, "--data", str(d / "missing.json")]) == 2
+
+
+def test_prompt_styles_and_sampling(qa):
+    from gradsae.commands.experiment import chat_template
+
+    *_, d = qa
+    tok = tm.tokenizer()
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<u> {{ m['content'] }} </u>{% endfor %}<a>"
+    t = chat_template(tok, ex.PROMPT)
+    text = t.format(context="CTX", question="Q?")
+    assert text == "<u> " + ex.PROMPT.format(context="CTX", question="Q?") + " </u><a>"
+    assert ex.PROMPT_GEMMA_RELEASED.startswith("<start_of_turn>user\n")
+    tok.chat_template = None
+    with pytest.raises(InputError, match="no chat template"):
+        chat_template(tok, ex.PROMPT)
+    rows = ex.load_squad(d / "squad.json")
+    s1 = ex.load_squad(d / "squad.json", sample=3, seed=1)
+    assert len(s1) == 3 and s1 == ex.load_squad(d / "squad.json", sample=3, seed=1)
+    assert all(r in rows for r in s1)
+    with pytest.raises(InputError, match="cannot sample"):
+        ex.load_squad(d / "squad.json", sample=99)

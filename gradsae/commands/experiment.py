@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     e = p.add_argument_group("experiment")
     e.add_argument("--data", required=True, help="SQuAD v1.1-format JSON file")
     e.add_argument("--limit", type=int, default=None, help="first N questions only")
+    e.add_argument("--sample", type=int, default=None, help="N questions drawn at random (released code: 1000)")
+    e.add_argument("--seed", type=int, default=42, help="seed of --sample (default 42)")
     e.add_argument("--ks", default="1,10,20,30,50%", help="K values (default 1,10,20,30,50%%)")
     e.add_argument("--methods", default="gradsae,activation", help="gradsae,activation (default both)")
     e.add_argument("--studies", default="perturbation,steering", help="perturbation,steering (default both)")
@@ -24,11 +26,31 @@ def add_arguments(p) -> None:
     e.add_argument("--trigger", default="[", help="score at the first predicted token containing this (default '[')")
     e.add_argument("--template-file", default=None,
                    help="prompt template with {context} and {question} (default: the paper's)")
+    e.add_argument("--prompt-style", choices=("plain", "gemma-released", "chat"), default="plain",
+                   help="plain: the paper's prompt as is (default); gemma-released: opened with "
+                        "'<start_of_turn>user' as in the released code; chat: wrapped by the "
+                        "tokenizer's chat template")
     e.add_argument("--steer-positions", choices=("last", "all"), default="last",
                    help="steering edits at the last position (released code, default) or all (paper text)")
     e.add_argument("--donor-values", choices=("last", "mean", "score"), default="last")
     e.add_argument("--out", default=None, help="write rows and per-example records as JSON here")
     e.add_argument("--no-progress", action="store_true")
+
+
+def chat_template(tok, template: str) -> str:
+    """``template`` as the user turn of the tokenizer's chat template, ready for the answer."""
+    from ..errors import InputError
+
+    if not getattr(tok, "chat_template", None):
+        raise InputError("--prompt-style chat: this tokenizer has no chat template")
+    marker = "\x00Q\x00"
+    body = template.replace("{context}", marker + "C").replace("{question}", marker + "Q")
+    text = tok.apply_chat_template([{"role": "user", "content": body}], tokenize=False, add_generation_prompt=True)
+    bos = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos):  # the tokenizer adds it again when encoding
+        text = text[len(bos):]
+    text = text.replace("{", "{{").replace("}", "}}")
+    return text.replace(marker + "C", "{context}").replace(marker + "Q", "{question}")
 
 
 def run(args) -> int:
@@ -39,7 +61,8 @@ def run(args) -> int:
     from .. import experiments as ex
     from ..errors import InputError
 
-    examples = ex.load_squad(args.data, limit=args.limit)  # bad data fails before the model loads
+    # bad data fails before the model loads
+    examples = ex.load_squad(args.data, limit=args.limit, sample=args.sample, seed=args.seed)
     ks = ex.parse_ks(args.ks)
     template = ex.PROMPT
     if args.template_file:
@@ -47,7 +70,11 @@ def run(args) -> int:
             template = f.read()
         if "{context}" not in template or "{question}" not in template:
             raise InputError("the template must contain {context} and {question}")
+    elif args.prompt_style == "gemma-released":
+        template = ex.PROMPT_GEMMA_RELEASED
     scorer = build_scorer(args)
+    if args.prompt_style == "chat":
+        template = chat_template(scorer.tokenizer, template)
     res = ex.run_experiments(
         scorer, examples, ks=ks, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         studies=tuple(s.strip() for s in args.studies.split(",") if s.strip()),

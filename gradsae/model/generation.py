@@ -45,6 +45,19 @@ def _matcher(trigger, tokenizer):
     raise InputError(f"trigger must be a string or a callable(token_id) -> bool, got {trigger!r}")
 
 
+def default_stop_ids(scorer) -> list[int]:
+    """The tokenizer's EOS and the model's generation-config EOS ids (e.g. Gemma's
+    ``<end_of_turn>``, at which the released code also stops)."""
+    out = []
+    cands = [getattr(scorer.tokenizer, "eos_token_id", None),
+             getattr(getattr(scorer.model, "generation_config", None), "eos_token_id", None)]
+    for eos in cands:
+        if eos is None:
+            continue
+        out += [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    return sorted(set(out))
+
+
 def _prompt_ids(scorer, prompt) -> torch.Tensor:
     ids, mask = scorer.encode_batch(prompt)
     if ids.shape[0] != 1:
@@ -61,15 +74,12 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
         trigger: a string (score at the first predicted token whose text contains it) or a
             callable ``token_id -> bool``; None: no scoring.
         stop_at_trigger: stop as soon as the trigger fired (the token is not appended).
-        stop_ids: token ids that end generation (default: the tokenizer's EOS).
+        stop_ids: token ids that end generation (default: :func:`default_stop_ids`).
         use_cache: KV cache (default: on, off under a last-position intervention).
     """
     tok = scorer.tokenizer
     match = _matcher(trigger, tok)
-    if stop_ids is None:
-        eos = getattr(tok, "eos_token_id", None) if tok is not None else None
-        stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    stop = {int(s) for s in stop_ids}
+    stop = set(default_stop_ids(scorer) if stop_ids is None else (int(s) for s in stop_ids))
     sp = scorer.splice
     if use_cache is None:
         use_cache = not any(iv.positions == "last" for iv in sp.interventions)
