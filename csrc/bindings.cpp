@@ -46,25 +46,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("compiled_archs", &compiled_archs, "GPU architectures compiled in (SASS sm_XX, PTX compute_XX)");
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the module was built with (e.g. 13000)");
   m.def("topk_pad", [](int k) { return topk_pad(k); }, "keys kept per row for a top-k of k");
-  m.def("encode_tile_rows", &encode_tile_rows, py::arg("mode"), py::arg("kp"));
   m.def("encode_smem_bytes", &encode_smem_bytes, py::arg("dtype"), py::arg("mode"), py::arg("kp"),
-        "dynamic shared memory one encode CTA needs");
+        py::arg("tile_rows"), "dynamic shared memory one encode CTA of tile_rows (32 or 64) rows needs");
 
   m.def(
       "encode_select",
       [](int device, uintptr_t stream, uintptr_t x, int64_t x_stride, uintptr_t w, int64_t w_stride, uintptr_t bias,
          uintptr_t scale, uintptr_t thr, int dtype, int n, int d_in, int d_sae, int mode, int k, int kp, int cap,
-         int split_cols, int n_splits, uintptr_t parts, uintptr_t counts, bool vec) {
+         int split_cols, int n_splits, int tile_rows, uintptr_t parts, uintptr_t counts, bool vec) {
         EncodeArgs a{ptr<const void>(x), x_stride, ptr<const void>(w), w_stride, ptr<const void>(bias),
                      ptr<const float>(scale), ptr<const float>(thr), dtype, n, d_in, d_sae, mode, k, kp, cap,
-                     split_cols, n_splits, ptr<uint64_t>(parts), ptr<int>(counts), vec};
+                     split_cols, n_splits, tile_rows, ptr<uint64_t>(parts), ptr<int>(counts), vec};
         py::gil_scoped_release nogil;
         encode_select(device, stream, a);
       },
       py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("w_stride"),
       py::arg("bias"), py::arg("scale"), py::arg("thr"), py::arg("dtype"), py::arg("n"), py::arg("d_in"),
       py::arg("d_sae"), py::arg("mode"), py::arg("k"), py::arg("kp"), py::arg("cap"), py::arg("split_cols"),
-      py::arg("n_splits"), py::arg("parts"), py::arg("counts"), py::arg("vec"),
+      py::arg("n_splits"), py::arg("tile_rows"), py::arg("parts"), py::arg("counts"), py::arg("vec"),
       "fused encode GEMM + per-split selection (mode 0 top-k, 1 threshold) into parts/counts");
 
   m.def(

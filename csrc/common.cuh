@@ -68,9 +68,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 struct WarpSync {
   __device__ __forceinline__ void operator()() const { __syncwarp(); }
 };
-struct WarpAny {
-  __device__ __forceinline__ bool operator()(bool p) const { return __any_sync(kFullMask, p) != 0; }
-};
 struct WarpBallot {
   __device__ __forceinline__ uint32_t operator()(bool p) const { return __ballot_sync(kFullMask, p); }
 };

@@ -45,8 +45,8 @@ template <typename T, int BM>
 size_t smem_bytes(int mode, int kp) {
   size_t b = gemm_bytes<T, BM>();
   if (mode == kTopK) {
-    int cp = kp > BN ? kp : BN;
-    b += (size_t)BM * kp * sizeof(uint64_t) + (size_t)NWARPS * cp * sizeof(uint64_t);
+    int cp = kp > BN ? kp : BN;  // queue keys per row
+    b += (size_t)BM * (kp + cp) * sizeof(uint64_t) + (size_t)BM * sizeof(int);
   } else {
     b += (size_t)BM * sizeof(int);
   }
@@ -173,13 +173,15 @@ __global__ void __launch_bounds__(NT) encode_select_kernel(const EncodeArgs p) {
 
   float* Cs = reinterpret_cast<float*>(smem);
   unsigned char* rest = smem + gemm_bytes<T, BM>();
-  uint64_t* state = reinterpret_cast<uint64_t*>(rest);
-  uint64_t* bufs = state + (size_t)BM * p.kp;
-  int* rcount = reinterpret_cast<int*>(rest);
+  uint64_t* state = reinterpret_cast<uint64_t*>(rest);  // top-k: [BM][kp] best keys
+  uint64_t* queue = state + (size_t)BM * p.kp;           // top-k: [BM][cp] candidates
+  int* qcount = reinterpret_cast<int*>(queue + (size_t)BM * cp);
+  int* rcount = reinterpret_cast<int*>(rest);            // threshold: [BM] counts
   const T* bias = static_cast<const T*>(p.bias);
 
   if (topk) {
     for (int i = threadIdx.x; i < BM * p.kp; i += NT) state[i] = kEmptyKey;
+    for (int i = threadIdx.x; i < BM; i += NT) qcount[i] = 0;
   } else {
     for (int i = threadIdx.x; i < BM; i += NT) rcount[i] = 0;
   }
@@ -205,8 +207,11 @@ __global__ void __launch_bounds__(NT) encode_select_kernel(const EncodeArgs p) {
       if (gr >= p.n) break;
       const float* vals = Cs + r * C_LD;
       if (topk) {
-        topk_tile_row(state + (size_t)r * p.kp, bufs + (size_t)warp * cp, vals, thr, (uint32_t)col0, ncols, p.k,
-                      p.kp, cp, lane, 32, WarpSync{}, WarpAny{});
+        int q = qcount[r];
+        q = topk_tile_row(state + (size_t)r * p.kp, queue + (size_t)r * cp, q, vals, thr, (uint32_t)col0, ncols, p.k,
+                          p.kp, cp, lane, 32, WarpSync{}, WarpBallot{});
+        __syncwarp();
+        if (lane == 0) qcount[r] = q;
       } else {
         uint64_t* out = p.parts + ((size_t)gr * p.n_splits + split) * p.cap;
         int cnt = rcount[r];
@@ -220,6 +225,11 @@ __global__ void __launch_bounds__(NT) encode_select_kernel(const EncodeArgs p) {
   }
 
   if (topk) {
+    for (int r = warp; r < BM && row0 + r < p.n; r += NWARPS) {
+      const int q = qcount[r];
+      if (q > 0) topk_flush(state + (size_t)r * p.kp, queue + (size_t)r * cp, q, p.kp, cp, lane, 32, WarpSync{});
+    }
+    __syncthreads();
     for (int e = threadIdx.x; e < BM * p.kp; e += NT) {
       int r = e / p.kp, i = e % p.kp;
       int gr = row0 + r;
@@ -270,11 +280,11 @@ void launch_encode(const EncodeArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int encode_tile_rows(int mode, int kp) { return (mode == kTopK && kp > 128) ? 32 : 64; }
 int encode_tile_cols() { return BN; }
 
-size_t encode_smem_bytes(int dtype, int mode, int kp) {
-  const bool small = encode_tile_rows(mode, kp) == 32;
+size_t encode_smem_bytes(int dtype, int mode, int kp, int tile_rows) {
+  if (tile_rows != 32 && tile_rows != 64) throw std::invalid_argument("gradsae._C: tile_rows must be 32 or 64");
+  const bool small = tile_rows == 32;
   size_t out = 0;
   GRADSAE_DISPATCH_DTYPE(dtype, T, out = small ? smem_bytes<T, 32>(mode, kp) : smem_bytes<T, 64>(mode, kp));
   return out;
@@ -288,10 +298,11 @@ void encode_select(int device, uintptr_t stream, const EncodeArgs& a) {
     throw std::invalid_argument("gradsae._C.encode_select: split_cols must be a positive multiple of 128");
   if ((int64_t)a.n_splits * a.split_cols < a.d_sae || (int64_t)(a.n_splits - 1) * a.split_cols >= a.d_sae)
     throw std::invalid_argument("gradsae._C.encode_select: n_splits must be ceil(d_sae / split_cols)");
+  if (a.tile_rows != 32 && a.tile_rows != 64) throw std::invalid_argument("gradsae._C.encode_select: tile_rows must be 32 or 64");
   if (a.n <= 0) return;
   use_device(device);
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  const bool small = encode_tile_rows(a.mode, a.kp) == 32;
+  const bool small = a.tile_rows == 32;
   GRADSAE_DISPATCH_DTYPE(a.dtype, T, small ? launch_encode<T, 32>(a, s) : launch_encode<T, 64>(a, s));
 }
 

@@ -32,14 +32,14 @@ struct EncodeArgs {
   int cap;             // threshold: slots per (row, split)
   int split_cols;      // columns per split (a multiple of the tile width)
   int n_splits;
+  int tile_rows;       // rows per CTA: 64, or 32 where shared memory is short
   uint64_t* parts;     // [n, n_splits, kp or cap]
   int* counts;         // [n, n_splits] (threshold mode)
   bool vec;            // 16-byte vector loads are legal (aligned pointers and strides)
 };
 
 void encode_select(int device, uintptr_t stream, const EncodeArgs& a);
-size_t encode_smem_bytes(int dtype, int mode, int kp);
-int encode_tile_rows(int mode, int kp);
+size_t encode_smem_bytes(int dtype, int mode, int kp, int tile_rows);
 int encode_tile_cols();
 
 void merge_topk(int device, uintptr_t stream, const uint64_t* parts, int n, int n_splits, int k, int kp,

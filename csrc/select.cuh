@@ -161,35 +161,62 @@ GS_HD_TEMPLATE void merge_sorted_desc(uint64_t* state, const uint64_t* other, in
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-// Top-k epilogue of one row of one tile of selection values.
-//
-//   state: kp keys (descending), the row's best keys of this split so far;
-//   buf:   cp >= max(kp, ncols) scratch keys (cp a power of two);
-//   vals:  ncols selection values of columns col0 .. col0+ncols-1;
-//   thr:   per-column thresholds (indexed by column - col0) or nullptr for 0.
-//
-// Keys that cannot enter the row's top k (not above the current k-th best) are dropped
-// first; when none is left the state is untouched. Returns whether the state changed.
-// `any` reduces a per-lane flag over the lanes (identity on the host).
-template <class Sync, class Any>
-GS_HD_TEMPLATE bool topk_tile_row(uint64_t* state, uint64_t* buf, const float* vals, const float* thr, uint32_t col0,
-                                  int ncols, int k, int kp, int cp, int lane, int nlanes, Sync sync, Any any) {
-  const uint64_t floor_key = state[k - 1];
-  bool mine = false;
-  for (int c = lane; c < cp; c += nlanes) {
-    uint64_t key = kEmptyKey;
-    if (c < ncols) {
-      key = candidate_key(vals[c], thr ? thr[c] : 0.0f, col0 + static_cast<uint32_t>(c));
-      if (key <= floor_key) key = kEmptyKey;
-    }
-    buf[c] = key;
-    mine |= key != kEmptyKey;
-  }
-  if (!any(mine)) return false;
+// Merge a row's candidate queue (qcount keys in queue[0, cp)) into its state (kp keys,
+// descending): pad with empty keys, sort, keep the kp best of state U queue. Returns 0, the
+// new queue length.
+template <class Sync>
+GS_HD_TEMPLATE int topk_flush(uint64_t* state, uint64_t* queue, int qcount, int kp, int cp, int lane, int nlanes,
+                              Sync sync) {
+  for (int i = qcount + lane; i < cp; i += nlanes) queue[i] = kEmptyKey;
   sync();
-  bitonic_sort_desc(buf, cp, lane, nlanes, sync);
-  merge_sorted_desc(state, buf, kp, lane, nlanes, sync);
-  return true;
+  bitonic_sort_desc(queue, cp, lane, nlanes, sync);
+  merge_sorted_desc(state, queue, kp, lane, nlanes, sync);
+  return 0;
+}
+
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+// Top-k epilogue of one row of one tile (a per-row candidate queue, WarpSelect style).
+//
+//   state:  kp keys (descending), the row's best keys merged so far;
+//   queue:  cp >= max(kp, ncols) keys (cp a power of two) of candidates not merged yet,
+//           qcount of them in use;
+//   vals:   ncols selection values of columns col0 .. col0+ncols-1;
+//   thr:    per-column thresholds (indexed by column - col0) or nullptr for 0.
+//
+// Only keys above the current k-th best of the state can enter the top k; they are appended
+// to the queue (ascending column order). A full queue is first merged into the state (one
+// sort of cp keys for many tiles), which also raises the bar the tile is filtered against.
+// Returns the new queue length. `ballot` gives the mask of lanes whose flag is set (the flag
+// itself on the host).
+template <class Sync, class Ballot>
+GS_HD_TEMPLATE int topk_tile_row(uint64_t* state, uint64_t* queue, int qcount, const float* vals, const float* thr,
+                                 uint32_t col0, int ncols, int k, int kp, int cp, int lane, int nlanes, Sync sync,
+                                 Ballot ballot) {
+  const uint32_t below = (lane >= 32) ? 0xffffffffu : ((1u << lane) - 1u);
+  uint64_t floor_key = state[k - 1];
+  int fresh = 0;
+  for (int base = 0; base < ncols; base += nlanes) {
+    int c = base + lane;
+    uint64_t key = c < ncols ? candidate_key(vals[c], thr ? thr[c] : 0.0f, col0 + static_cast<uint32_t>(c)) : kEmptyKey;
+    fresh += static_cast<int>(popcount32(ballot(key > floor_key)));
+  }
+  if (fresh == 0) return qcount;
+  if (qcount + fresh > cp) {
+    qcount = topk_flush(state, queue, qcount, kp, cp, lane, nlanes, sync);
+    floor_key = state[k - 1];
+  }
+  for (int base = 0; base < ncols; base += nlanes) {
+    int c = base + lane;
+    uint64_t key = c < ncols ? candidate_key(vals[c], thr ? thr[c] : 0.0f, col0 + static_cast<uint32_t>(c)) : kEmptyKey;
+    bool pass = key > floor_key;
+    uint32_t mask = ballot(pass);
+    if (pass) queue[qcount + static_cast<int>(popcount32(mask & below))] = key;
+    qcount += static_cast<int>(popcount32(mask));
+  }
+  sync();
+  return qcount;
 }
 
 #if defined(__CUDACC__)

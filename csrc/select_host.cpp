@@ -30,9 +30,6 @@ namespace {
 struct NoSync {
   void operator()() const {}
 };
-struct OneLaneAny {
-  bool operator()(bool p) const { return p; }
-};
 struct OneLaneBallot {
   uint32_t operator()(bool p) const { return p ? 1u : 0u; }
 };
@@ -96,16 +93,19 @@ int cmd_topk() {
   std::vector<float> thr = has_thr ? read_n<float>(cols) : std::vector<float>();
   const int kp = topk_pad(k), cp = kp > bn ? kp : bn;
   const int n_splits = (cols + split_cols - 1) / split_cols;
-  std::vector<uint64_t> parts((size_t)rows * n_splits * kp), buf(cp), state(kp), scratch(kp);
+  std::vector<uint64_t> parts((size_t)rows * n_splits * kp), queue(cp), state(kp), scratch(kp);
   for (int r = 0; r < rows; ++r)
     for (int s = 0; s < n_splits; ++s) {
       std::fill(state.begin(), state.end(), kEmptyKey);
+      std::fill(queue.begin(), queue.end(), 0xdeadbeefULL);  // garbage beyond the queue length
+      int q = 0;
       const int c_end = (s + 1) * split_cols < cols ? (s + 1) * split_cols : cols;
       for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
         int nc = c_end - c0 < bn ? c_end - c0 : bn;
-        topk_tile_row(state.data(), buf.data(), &v[(size_t)r * cols + c0], has_thr ? &thr[c0] : nullptr,
-                      (uint32_t)c0, nc, k, kp, cp, 0, 1, NoSync{}, OneLaneAny{});
+        q = topk_tile_row(state.data(), queue.data(), q, &v[(size_t)r * cols + c0], has_thr ? &thr[c0] : nullptr,
+                          (uint32_t)c0, nc, k, kp, cp, 0, 1, NoSync{}, OneLaneBallot{});
       }
+      if (q > 0) topk_flush(state.data(), queue.data(), q, kp, cp, 0, 1, NoSync{});
       std::copy(state.begin(), state.end(), parts.begin() + ((size_t)r * n_splits + s) * kp);
     }
   std::vector<int64_t> idx((size_t)rows * k);

@@ -70,7 +70,7 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
         try:
             m.encode_select(device=0, stream=0, x=0, x_stride=0, w=0, w_stride=0, bias=0, scale=0, thr=0,
                             dtype=2, n=1, d_in=8, d_sae=256, mode=0, k=8, kp=32, cap=0, split_cols=100,
-                            n_splits=3, parts=0, counts=0, vec=False)
+                            n_splits=3, tile_rows=64, parts=0, counts=0, vec=False)
         except ValueError as e:
             res["bad_split"] = str(e)
         try:

@@ -56,14 +56,13 @@ class FakeC:
         self.calls = []
 
     topk_pad = staticmethod(lambda k: max(32, 1 << (k - 1).bit_length()))
-    encode_tile_rows = staticmethod(lambda mode, kp: 32 if mode == 0 and kp > 128 else 64)
-    encode_smem_bytes = staticmethod(lambda dtype, mode, kp: 1024)
+    encode_smem_bytes = staticmethod(lambda dtype, mode, kp, tile_rows: 1024 * tile_rows)
     compiled_archs = staticmethod(lambda: "sm_80, sm_90, compute_90")
     cuda_runtime_version = staticmethod(lambda: 13000)
 
     def encode_select(self, *, device, stream, x, x_stride, w, w_stride, bias, scale, thr, dtype, n, d_in, d_sae,
-                      mode, k, kp, cap, split_cols, n_splits, parts, counts, vec):
-        self.calls.append(("encode", n, mode, cap, split_cols, n_splits))
+                      mode, k, kp, cap, split_cols, n_splits, tile_rows, parts, counts, vec):
+        self.calls.append(("encode", n, mode, cap, split_cols, n_splits, tile_rows))
         assert split_cols % 128 == 0 and (n_splits - 1) * split_cols < d_sae <= n_splits * split_cols
         X = _floats(x, dtype, (n, d_in), (x_stride, 1))
         W = _floats(w, dtype, (d_in, d_sae), (w_stride, 1))
@@ -149,7 +148,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_Launch", lambda device: types.SimpleNamespace(index=0, stream=0))
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: types.SimpleNamespace(multi_processor_count=2))
+                        lambda device: types.SimpleNamespace(multi_processor_count=2,
+                                                             shared_memory_per_block_optin=50000))
     return lib
 
 
@@ -181,6 +181,7 @@ def test_influence_orchestration_matches_oracle(fake, activation, rescale, norma
     assert_matches_oracle(out, orc, sae, atol=tol, rtol=tol, set_tol=tol)
     enc = [c for c in fake.calls if c[0] == "encode"]
     assert enc and all(c[5] > 1 for c in enc)  # several d_sae splits planned for this GPU size
+    assert all(c[6] == 32 for c in enc)  # 64-row tiles need more shared memory than this GPU has
 
 
 def test_capacity_retry_and_error(fake, monkeypatch):

@@ -137,6 +137,20 @@ def test_topk_tiles_and_split_merge(driver, rows, cols, k, bn, split_cols, thr):
     np.testing.assert_array_equal(val.view(np.uint32), want_val.view(np.uint32))
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_topk_queue_flush_patterns(driver, order):
+    """Ascending columns: every tile beats the state (the queue fills and is merged again and
+    again); descending: after the first tile nothing enters."""
+    rows, cols, k = 3, 2000, 64
+    v = np.sort(np.abs(_rng().standard_normal((rows, cols))).astype(np.float32) + 0.01, axis=1)
+    if order == "descending":
+        v = v[:, ::-1].copy()
+    out = driver("topk", _i32(rows, cols, k, 128, 1024, 0) + v.tobytes())
+    idx = np.frombuffer(out[: 8 * rows * k], dtype=np.int64).reshape(rows, k)
+    want_idx, _ = _topk_expected(v, None, k)
+    np.testing.assert_array_equal(idx, want_idx)
+
+
 def test_topk_matches_torch_topk_without_ties(driver):
     """Against torch.topk on distinct values: the selected set and its descending order."""
     rows, cols, k = 7, 3000, 100

@@ -71,6 +71,16 @@ def _aligned(*pairs) -> bool:
     return all(t.data_ptr() % 16 == 0 and stride % 8 == 0 for t, stride in pairs)
 
 
+def _tile_rows(lib, code: int, mode: int, kp: int, device) -> int | None:
+    """Rows per encode CTA: 64 where the GPU has the shared memory for it, else 32 (None: neither)."""
+    props = torch.cuda.get_device_properties(device)
+    have = getattr(props, "shared_memory_per_block_optin", None)
+    for rows in (64, 32):
+        if have is None or lib.encode_smem_bytes(code, mode, kp, rows) <= have:
+            return rows
+    return None
+
+
 class _Launch:
     """Device index and current stream handle for kernel launches on ``device``."""
 
@@ -110,10 +120,9 @@ class CudaBackend:
             mode, kp = MODE_TOPK, lib.topk_pad(k)
         else:
             mode, kp = MODE_THRESHOLD, 0
-        need = lib.encode_smem_bytes(_CODES[sae.dtype], mode, kp)
-        have = getattr(torch.cuda.get_device_properties(dev), "shared_memory_per_block_optin", need)
-        if need > have:
-            return f"the encode kernel needs {need} bytes of shared memory per block; this GPU allows {have}"
+        if _tile_rows(lib, _CODES[sae.dtype], mode, kp, dev) is None:
+            need = lib.encode_smem_bytes(_CODES[sae.dtype], mode, kp, 32)
+            return f"the encode kernel needs {need} bytes of shared memory per block; this GPU allows less"
         return None
 
     def describe(self) -> dict:
@@ -168,7 +177,7 @@ class CudaBackend:
         else:
             cap = req.k if req.k is not None else INITIAL_CAPACITY
             slots = cap
-        tile_rows = lib.encode_tile_rows(MODE_TOPK if topk else MODE_THRESHOLD, kp if topk else 0)
+        tile_rows = _tile_rows(lib, code, MODE_TOPK if topk else MODE_THRESHOLD, kp if topk else 0, x.device)
         split_cols, n_splits, chunk = self._plan(req.n, sae.d_sae, tile_rows, slots, n_sm)
 
         def run(sae_in, rows, mode, k_, kp_, cap_):
@@ -180,7 +189,8 @@ class CudaBackend:
                 device=launch.index, stream=launch.stream, x=sae_in.data_ptr(), x_stride=sae_in.stride(0),
                 w=W.data_ptr(), w_stride=W.stride(0), bias=b.data_ptr(), scale=_ptr(scale), thr=_ptr(thr),
                 dtype=code, n=rows, d_in=sae.d_in, d_sae=sae.d_sae, mode=mode, k=k_, kp=kp_, cap=cap_,
-                split_cols=split_cols, n_splits=n_splits, parts=parts.data_ptr(), counts=_ptr(counts),
+                split_cols=split_cols, n_splits=n_splits, tile_rows=tile_rows, parts=parts.data_ptr(),
+                counts=_ptr(counts),
                 vec=_aligned((sae_in, sae_in.stride(0)), (W, W.stride(0))),
             )
             return parts, counts
