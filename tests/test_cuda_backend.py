@@ -151,7 +151,7 @@ def test_low_precision_within_twice_the_reference_error(dtype, activation, norma
     x, g = _inputs((300,), d_in, dtype)
     orc = dense_oracle(sae, x, g)
     ours = gradsae.influence(x, g, sae, backend="cuda")
-    ref = gradsae.influence(x, g, sae, k=ours.K if activation != "topk" else None, backend="reference")
+    ref = gradsae.influence(x, g, sae, backend="reference")
     assert ours.acts.dtype == torch.float32
     e_ours, e_ref = max_errors(ours, orc), max_errors(ref, orc)
     eps = torch.finfo(dtype).eps
@@ -210,7 +210,8 @@ def test_influence_at_gather_dot(dtype):
     D = torch.empty(g.shape[0], g.shape[1], 2 * 520 + 3, dtype=dtype, device=DEV)[..., 3:523]
     D.copy_(g)
     strided = gradsae.influence_at(idx, acts, D, sae, x=x, backend="cuda")
-    torch.testing.assert_close(strided.grads, ours.grads, rtol=1e-6, atol=1e-6)
+    # (another summation order: float32 rounding apart)
+    torch.testing.assert_close(strided.grads, ours.grads, rtol=1e-5, atol=1e-5 * float(ours.grads.abs().max()))
 
 
 def _stats_close(a: LatentStats, b: LatentStats, rtol=1e-5):
@@ -241,7 +242,7 @@ def test_fused_and_deterministic_stats(activation):
     orc = dense_oracle(sae, x, g)
     dense = (orc["z"] * orc["g"])[mask.cpu()]
     active = (orc["z"] != 0)[mask.cpu()]
-    torch.testing.assert_close(want.score_sum.cpu(), dense.sum(0), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(want.score_sum.cpu(), dense.sum(0), rtol=1e-4, atol=1e-5 * float(dense.abs().sum(0).max()))
     assert torch.equal(want.count.cpu(), active.sum(0))
 
     fused = LatentStats(d_sae, device=DEV)

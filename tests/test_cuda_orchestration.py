@@ -63,6 +63,7 @@ class FakeC:
     def encode_select(self, *, device, stream, x, x_stride, w, w_stride, bias, scale, thr, dtype, n, d_in, d_sae,
                       mode, k, kp, cap, split_cols, n_splits, tile_rows, parts, counts, vec):
         self.calls.append(("encode", n, mode, cap, split_cols, n_splits, tile_rows))
+        self.split_cols = split_cols
         assert split_cols % 128 == 0 and (n_splits - 1) * split_cols < d_sae <= n_splits * split_cols
         X = _floats(x, dtype, (n, d_in), (x_stride, 1))
         W = _floats(w, dtype, (d_in, d_sae), (w_stride, 1))
@@ -91,6 +92,7 @@ class FakeC:
                 I[r, s], A[r, s] = j, val
 
     def merge_threshold(self, *, device, stream, parts, counts, n, n_splits, cap, cap_out, idx, acts, row_counts):
+        assert cap <= self.split_cols, "a split's slots never exceed its columns"
         I, A = _view(idx, np.int64, (n, cap_out)), _view(acts, np.float32, (n, cap_out))
         C = _view(row_counts, np.int32, (n,))
         for r, row in enumerate(self.parts.pop(parts)):

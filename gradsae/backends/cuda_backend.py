@@ -148,7 +148,7 @@ class CudaBackend:
         split_cols = -(-d_sae // want_splits)
         split_cols = -(-split_cols // tile_cols) * tile_cols
         n_splits = -(-d_sae // split_cols)
-        rows = max(1, min(n, PARTS_BUDGET // (n_splits * slots * 8)))
+        rows = max(1, min(n, PARTS_BUDGET // (n_splits * min(slots, split_cols) * 8)))
         return split_cols, n_splits, rows
 
     def _encode(self, req: Request):
@@ -181,19 +181,20 @@ class CudaBackend:
         split_cols, n_splits, chunk = self._plan(req.n, sae.d_sae, tile_rows, slots, n_sm)
 
         def run(sae_in, rows, mode, k_, kp_, cap_):
-            width = kp_ if mode == MODE_TOPK else cap_
+            # threshold: a split never holds more than its columns, whatever the capacity
+            width = kp_ if mode == MODE_TOPK else min(cap_, split_cols)
             parts = torch.empty((rows, n_splits, width), dtype=torch.int64, device=x.device)
             counts = (torch.empty((rows, n_splits), dtype=torch.int32, device=x.device)
                       if mode == MODE_THRESHOLD else None)
             lib.encode_select(
                 device=launch.index, stream=launch.stream, x=sae_in.data_ptr(), x_stride=sae_in.stride(0),
                 w=W.data_ptr(), w_stride=W.stride(0), bias=b.data_ptr(), scale=_ptr(scale), thr=_ptr(thr),
-                dtype=code, n=rows, d_in=sae.d_in, d_sae=sae.d_sae, mode=mode, k=k_, kp=kp_, cap=cap_,
+                dtype=code, n=rows, d_in=sae.d_in, d_sae=sae.d_sae, mode=mode, k=k_, kp=kp_, cap=width,
                 split_cols=split_cols, n_splits=n_splits, tile_rows=tile_rows, parts=parts.data_ptr(),
                 counts=_ptr(counts),
                 vec=_aligned((sae_in, sae_in.stride(0)), (W, W.stride(0))),
             )
-            return parts, counts
+            return parts, counts, width
 
         idx_parts, act_parts, scale_parts, fullest_all = [], [], [], 0
         for r0 in range(0, req.n, chunk):
@@ -202,19 +203,19 @@ class CudaBackend:
             sae_in, state = sae.preprocess(x[r0:r1])
             sae_in = _rows_contig(sae_in)
             if topk:
-                parts, _ = run(sae_in, rows, MODE_TOPK, k, kp, 0)
+                parts, _, _ = run(sae_in, rows, MODE_TOPK, k, kp, 0)
                 idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
                 acts = torch.empty((rows, k), dtype=torch.float32, device=x.device)
                 lib.merge_topk(device=launch.index, stream=launch.stream, parts=parts.data_ptr(), n=rows,
                                n_splits=n_splits, k=k, kp=kp, idx=idx.data_ptr(), acts=acts.data_ptr())
             else:
                 while True:
-                    parts, counts = run(sae_in, rows, MODE_THRESHOLD, 0, 0, cap)
+                    parts, counts, width = run(sae_in, rows, MODE_THRESHOLD, 0, 0, cap)
                     idx = torch.empty((rows, cap), dtype=torch.int64, device=x.device)
                     acts = torch.empty((rows, cap), dtype=torch.float32, device=x.device)
                     row_counts = torch.empty(rows, dtype=torch.int32, device=x.device)
                     lib.merge_threshold(device=launch.index, stream=launch.stream, parts=parts.data_ptr(),
-                                        counts=counts.data_ptr(), n=rows, n_splits=n_splits, cap=cap, cap_out=cap,
+                                        counts=counts.data_ptr(), n=rows, n_splits=n_splits, cap=width, cap_out=cap,
                                         idx=idx.data_ptr(), acts=acts.data_ptr(), row_counts=row_counts.data_ptr())
                     fullest = int(row_counts.max())
                     if fullest <= cap:
