@@ -136,7 +136,7 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
         return True, "ieee"
     if dtype == torch.float32:
         return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return False, "ieee"
+    return False, "tf32"  # Triton's default; only meaningful for fp32 operands
 
 
 def plan_splits(n: int, d_sae: int, n_splits: int | None = None) -> tuple[int, int]:
