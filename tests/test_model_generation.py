@@ -78,3 +78,26 @@ def test_no_trigger_is_a_clear_error():
         sc.score_at_trigger("the king of", trigger=lambda t: False, max_new_tokens=3)
     with pytest.raises(InputError, match="one prompt"):
         sc.generate(["the king", "a queen"])
+
+
+def test_step_by_step_loop_for_models_without_generate():
+    m, sae, tok, sc = parts("llama")
+
+    class Plain(torch.nn.Module):  # the call convention only: no generate(), no config
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    plain = GradSAE(Plain(m), sae, hook="inner.model.layers.0", tokenizer=tok)
+    prompt = tok("what king was in the north", return_tensors="pt")["input_ids"][0]
+    for use_cache in (True, False):
+        g = plain.generate(prompt, max_new_tokens=6, stop_ids=[], use_cache=use_cache)
+        assert torch.equal(torch.cat([prompt, g.token_ids]), no_cache_greedy(m, sae, prompt, 6))
+    free = sc.generate(prompt, max_new_tokens=6, stop_ids=[]).token_ids
+    target = int(free[2])
+    a = plain.score_at_trigger(prompt, trigger=lambda t: t == target, max_new_tokens=6, stop_ids=[])
+    b = sc.score_at_trigger(prompt, trigger=lambda t: t == target, max_new_tokens=6, stop_ids=[])
+    assert a.trigger_step == b.trigger_step and torch.allclose(a.scores.scores, b.scores.scores, atol=1e-12)

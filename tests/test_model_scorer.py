@@ -235,11 +235,11 @@ def test_normalising_sae_matches_float64_oracle(normalize, rescale):
     seen = {}
 
     def hook(mod, args, out):
-        x = out.detach()
+        x = (out[0] if isinstance(out, tuple) else out).detach()
         y = sae.decode(sae.encode(x), x).requires_grad_(True)
         y.retain_grad()
         seen["x"], seen["y"] = x, y
-        return y
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
     h = m.model.layers[0].register_forward_hook(hook)
     try:

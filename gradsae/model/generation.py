@@ -2,7 +2,8 @@
 
 The paper scores latents at the step where greedy generation is about to emit its answer
 marker: the first predicted token containing ``[`` (the prompt asks for ``Result = [[ label ]]``).
-:func:`generate` runs greedy decoding with the KV cache; when the predicted token matches the
+:func:`generate` runs greedy decoding with the KV cache (transformers' ``generate`` when the
+model has it, else a step-by-step loop); at the first generated token that matches the
 trigger, one forward and one backward on the full prefix at that step give the scores
 (``predicted_prob`` at the last position: the probability of exactly that token).
 
@@ -65,17 +66,73 @@ def _prompt_ids(scorer, prompt) -> torch.Tensor:
     return ids[0][mask[0]]
 
 
+def _uses_hf_generate(model) -> bool:
+    return callable(getattr(model, "generate", None)) and getattr(model, "generation_config", None) is not None
+
+
+def _hf_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when):
+    """Greedy decoding with transformers' own ``generate`` (its cache handling is right for
+    every architecture and version), with a fresh generation config: no sampling, no
+    penalties from the model's defaults."""
+    from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            hit = bool(stop_when(int(input_ids[0, -1])))
+            return torch.full((input_ids.shape[0],), hit, dtype=torch.bool, device=input_ids.device)
+
+    pad = getattr(scorer.tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = min(stop) if stop else 0
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=use_cache,
+                           eos_token_id=sorted(stop) or None, pad_token_id=pad)
+    crit = StoppingCriteriaList([_Stop()]) if stop_when is not None else None
+    out = scorer.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg,
+                                stopping_criteria=crit)
+    return out[0, ids.shape[1]:]
+
+
+def _loop_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when, progress):
+    """Greedy decoding step by step, for models without ``generate`` (KV cache when the model
+    returns one)."""
+    n0 = ids.shape[1]
+    past = None
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="generate", leave=False)
+    for _ in steps:
+        with torch.no_grad():
+            if use_cache and past is not None:
+                out = scorer.model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+            else:
+                out = scorer.model(input_ids=ids, use_cache=use_cache)
+        past = getattr(out, "past_key_values", None) if use_cache else None
+        nxt = int(out.logits[0, -1].argmax())
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
+        if nxt in stop or (stop_when is not None and stop_when(nxt)):
+            break
+    return ids[0, n0:]
+
+
 def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_trigger: bool = False,
              stop_ids=None, use_cache: bool | None = None, reduce: str = "mean", sign: str = "relu",
              progress: bool = False) -> Generation:
     """Greedy decoding of ``prompt`` (text or 1-D ids) on the spliced model.
 
+    Greedy decoding is deterministic, so the trigger step is found in the generated tokens
+    (the first whose text contains ``trigger``) and scored afterwards with one forward and
+    one backward on the prompt plus the tokens before it: exactly the prefix the model saw
+    when it predicted the trigger.
+
     Args:
         trigger: a string (score at the first predicted token whose text contains it) or a
             callable ``token_id -> bool``; None: no scoring.
-        stop_at_trigger: stop as soon as the trigger fired (the token is not appended).
+        stop_at_trigger: stop as soon as the trigger fired (the token is not kept).
         stop_ids: token ids that end generation (default: :func:`default_stop_ids`).
         use_cache: KV cache (default: on, off under a last-position intervention).
+        progress: a progress bar over steps (step-by-step decoding only).
     """
     tok = scorer.tokenizer
     match = _matcher(trigger, tok)
@@ -83,35 +140,25 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
     sp = scorer.splice
     if use_cache is None:
         use_cache = not any(iv.positions == "last" for iv in sp.interventions)
-    ids = _prompt_ids(scorer, prompt).unsqueeze(0)
-    n0 = ids.shape[1]
+    prompt_ids = _prompt_ids(scorer, prompt)
+    ids = prompt_ids.unsqueeze(0)
+    stop_when = match if (match is not None and stop_at_trigger) else None
     scores, step_hit = None, None
-    past = None
-    steps = range(max_new_tokens)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="generate", leave=False)
     with sp:
-        for step in steps:
-            with torch.no_grad():
-                if use_cache and past is not None:
-                    out = scorer.model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
-                else:
-                    out = scorer.model(input_ids=ids, use_cache=use_cache)
-            past = out.past_key_values if use_cache else None
-            nxt = int(out.logits[0, -1].argmax())
-            if match is not None and scores is None and match(nxt):
-                scores = scorer.score(ids[0], objective="predicted_prob", position=-1, reduce=reduce, sign=sign)
-                step_hit = step
+        if _uses_hf_generate(scorer.model):
+            gen = _hf_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when)
+        else:
+            gen = _loop_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when, progress)
+        if match is not None:
+            step_hit = next((i for i, t in enumerate(gen.tolist()) if match(t)), None)
+            if step_hit is not None:
+                prefix = torch.cat([prompt_ids, gen[:step_hit]])
+                scores = scorer.score(prefix, objective="predicted_prob", position=-1, reduce=reduce, sign=sign)
                 if stop_at_trigger:
-                    break
-            ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
-            if nxt in stop:
-                break
-    gen = ids[0, n0:].cpu()
+                    gen = gen[:step_hit]
+    gen = gen.cpu()
     text = tok.decode(gen.tolist(), skip_special_tokens=True) if tok is not None else None
-    return Generation(ids[0, :n0].cpu(), gen, text, scores, step_hit)
+    return Generation(prompt_ids.cpu(), gen, text, scores, step_hit)
 
 
 def score_at_trigger(scorer, prompt, trigger="[", max_new_tokens: int = 50, **kw) -> Generation:
