@@ -142,3 +142,23 @@ def test_to_dense_matches_oracle_scores():
     dense = gradsae.influence(x, g, sae).to_dense()
     orc = dense_oracle(sae, x, g)
     torch.testing.assert_close(dense, orc["z"] * orc["g"])
+
+
+@pytest.mark.parametrize("cols", [7, 63, 256, 1000, 4096, 4099])
+@pytest.mark.parametrize("K", [1, 5, 64])
+def test_row_topk_equals_topk(cols, K):
+    """The grouped prefilter returns torch.topk's values, and indices holding those values."""
+    from gradsae.backends.reference import _row_topk
+
+    K = min(K, cols)
+    v = torch.randn(9, cols, dtype=torch.float64)
+    v[0] = torch.arange(cols, dtype=torch.float64)        # increasing: top-K all in the last group slice
+    v[1] = -torch.arange(cols, dtype=torch.float64)       # decreasing
+    v[2, : cols // 2] = 5.0                               # many exact ties
+    vals, idx = _row_topk(v, K)
+    ref = v.topk(K, dim=-1)
+    assert torch.equal(vals, ref.values)
+    assert torch.equal(v.gather(1, idx), vals)
+    assert bool((idx.sort(-1).values.diff(dim=-1) != 0).all()), "duplicate indices"
+    untied = [r for r in range(9) if r != 2]
+    assert torch.equal(idx[untied].sort(-1).values, ref.indices[untied].sort(-1).values)
