@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from ..errors import InputError
 from ..stats import SUM_FIELDS, LatentStats
