@@ -34,8 +34,19 @@ struct Tiles {
 };
 
 template <typename T, int BM>
+constexpr size_t stage_elems() {
+  return (size_t)BM * Tiles<T>::A_LD + (size_t)BK * Tiles<T>::B_LD;
+}
+
+// 16-bit inputs use two stages (cp.async double buffering); fp32 one.
+template <typename T>
+constexpr int stages() {
+  return sizeof(T) == 2 ? 2 : 1;
+}
+
+template <typename T, int BM>
 constexpr size_t gemm_bytes() {
-  size_t ab = (size_t)BM * Tiles<T>::A_LD * sizeof(T) + (size_t)BK * Tiles<T>::B_LD * sizeof(T);
+  size_t ab = stages<T>() * stage_elems<T, BM>() * sizeof(T);
   size_t c = (size_t)BM * C_LD * sizeof(float);
   size_t m = ab > c ? ab : c;
   return (m + 127) / 128 * 128;
@@ -74,7 +85,40 @@ __device__ __forceinline__ void load_tile(T* dst, const T* __restrict__ src, int
   }
 }
 
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// As load_tile, with the in-bounds aligned 16-byte chunks copied asynchronously (cp.async);
+// the caller commits, waits and synchronises before reading.
+template <typename T, int ROWS, int COLS, int LD>
+__device__ __forceinline__ void load_tile_async(T* dst, const T* __restrict__ src, int64_t ld, int r0, int rmax,
+                                                int c0, int cmax, bool vec) {
+  constexpr int V = Tiles<T>::V;
+  constexpr int CH = COLS / V;
+  for (int e = threadIdx.x; e < ROWS * CH; e += NT) {
+    int r = e / CH, c = (e % CH) * V;
+    int gr = r0 + r, gc = c0 + c;
+    T* d = dst + r * LD + c;
+    if (vec && gr < rmax && gc + V <= cmax) {
+      cp_async16(d, src + (int64_t)gr * ld + gc);
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        d[v] = (gr < rmax && gc + v < cmax) ? src[(int64_t)gr * ld + gc + v] : zero_value<T>();
+    }
+  }
+}
+
 // C[BM x BN] (fp32, shared, aliasing the A/B stages) = x[row0:, :] @ W[:, col0:col0+ncols].
+// 16-bit inputs: WMMA m16n16k16 on two shared-memory stages, the next depth slice copied
+// (cp.async) while the tensor cores work on the current one.
 template <typename T, int BM>
 struct Gemm {
   static __device__ void tile(const EncodeArgs& p, unsigned char* smem, int row0, int col0, int ncols) {
@@ -83,21 +127,36 @@ struct Gemm {
     constexpr int WARPS_N = NWARPS / WARPS_M;
     constexpr int WN = BN / WARPS_N;
     constexpr int NF = WN / 16;
-    T* As = reinterpret_cast<T*>(smem);
-    T* Bs = As + BM * Tiles<T>::A_LD;
+    constexpr size_t STAGE = stage_elems<T, BM>();
+    T* const base = reinterpret_cast<T*>(smem);
     float* Cs = reinterpret_cast<float*>(smem);
     const int warp = threadIdx.x / 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
     const T* x = static_cast<const T*>(p.x);
     const T* w = static_cast<const T*>(p.w);
+    auto load_stage = [&](int stage, int k0) {
+      T* As = base + stage * STAGE;
+      T* Bs = As + BM * Tiles<T>::A_LD;
+      load_tile_async<T, BM, BK, Tiles<T>::A_LD>(As, x, p.x_stride, row0, p.n, k0, p.d_in, p.vec);
+      load_tile_async<T, BK, BN, Tiles<T>::B_LD>(Bs, w, p.w_stride, k0, p.d_in, col0, col0 + ncols, p.vec);
+      cp_async_commit();
+    };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
     for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.0f);
-    for (int k0 = 0; k0 < p.d_in; k0 += BK) {
-      load_tile<T, BM, BK, Tiles<T>::A_LD>(As, x, p.x_stride, row0, p.n, k0, p.d_in, p.vec);
-      load_tile<T, BK, BN, Tiles<T>::B_LD>(Bs, w, p.w_stride, k0, p.d_in, col0, col0 + ncols, p.vec);
+    const int nk = (p.d_in + BK - 1) / BK;
+    load_stage(0, 0);
+    for (int it = 0; it < nk; ++it) {
+      if (it + 1 < nk) {
+        load_stage((it + 1) & 1, (it + 1) * BK);  // its buffer was last read before the previous barrier
+        cp_async_wait<1>();                       // this iteration's stage has landed
+      } else {
+        cp_async_wait<0>();
+      }
       __syncthreads();
+      const T* As = base + (it & 1) * STAGE;
+      const T* Bs = As + BM * Tiles<T>::A_LD;
 #pragma unroll
       for (int kk = 0; kk < BK; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
