@@ -155,3 +155,20 @@ def test_gradsae_equals_paper_recipe_with_saelens_objects(models, arch, use_erro
     for b in range(2):
         assert got[b].objective == pytest.approx(float(y[b]), rel=1e-10)
         torch.testing.assert_close(got[b].scores, want[b], atol=1e-12 * float(want.abs().max()), rtol=1e-8)
+
+
+def test_hook_with_an_saelens_sae_attached_is_refused(models):
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (pip install -e '.[compat]')")
+    from sae_lens.saes.sae import SAEMetadata
+
+    hf, _ = models
+    model = hooked_twin(hf, sae_lens.HookedSAETransformer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sl_sae = sae_lens.StandardSAE(sae_lens.StandardSAEConfig(
+            d_in=D, d_sae=64, dtype="float64", metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post")))
+    model.add_sae(sl_sae)
+    with pytest.raises(InputError, match="reset_saes"):
+        gradsae.GradSAE(model, sl_sae)
+    model.reset_saes()
+    assert gradsae.GradSAE(model, sl_sae).score(rand_ids(1, 5))[0].objective > 0

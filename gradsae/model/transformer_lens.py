@@ -66,9 +66,15 @@ class HookedTransformerLM(torch.nn.Module):
         """Resolve ``target`` on the HookedTransformer first (its hook names), then on this
         wrapper (``hooked.blocks.0``)."""
         try:
-            return self.hooked.get_submodule(target)
+            m = self.hooked.get_submodule(target)
         except AttributeError:
             return super().get_submodule(target)
+        if any((c.__module__ or "").startswith("sae_lens") for c in type(m).__mro__):
+            raise InputError(
+                f"an SAELens SAE is attached at {target!r} (HookedSAETransformer.add_sae); gradsae "
+                "splices the SAE itself: call model.reset_saes() and pass that SAE to GradSAE"
+            )
+        return m
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
