@@ -135,8 +135,8 @@ class Splice:
                 f"the SAE's d_in={self.sae.d_in} does not match the width {h.shape[-1]} of the "
                 f"tensor at hook {self.point.name!r}; is this the SAE for this hook and model?"
             )
-        if h.device != self.sae.device:
-            raise InputError(f"the hook's tensor is on {h.device} but the SAE is on {self.sae.device}")
+        if h.device != self.sae.device:  # e.g. a model spread over devices: follow the hook
+            self.sae = self.sae.to(device=h.device)
         if self.recorder is not None and torch.is_grad_enabled():
             return _SpliceFn.apply(self.recorder.anchor, h, self)
         if self.mode == "error" and not self.interventions:
@@ -157,7 +157,8 @@ class Splice:
         sae = self.sae
         hd = h.detach()
         if self.mask is not None and tuple(self.mask.shape) == tuple(hd.shape[:2]) and not bool(self.mask.all()):
-            hd = torch.where(self.mask.unsqueeze(-1), hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
+            keep = self.mask.to(hd.device).unsqueeze(-1)
+            hd = torch.where(keep, hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
         idx, acts = encode_sparse(hd, sae, backend=self.backend)
         new_acts = acts
         extra = torch.zeros_like(hd, dtype=sae.dtype) if self.interventions else None
