@@ -62,7 +62,9 @@ def load_model(name: str, dtype: str = "float32", device: str | None = None):
     from ..errors import InputError
 
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+        # transformers 5 names the argument dtype; 4.x takes torch_dtype
+        key = "dtype" if int(tf.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        model = tf.AutoModelForCausalLM.from_pretrained(name, **{key: getattr(torch, dtype)})
     except OSError as e:
         raise InputError(f"cannot load model {name!r}: {e}") from e
     model.eval()
