@@ -172,3 +172,15 @@ def test_hook_with_an_saelens_sae_attached_is_refused(models):
         gradsae.GradSAE(model, sl_sae)
     model.reset_saes()
     assert gradsae.GradSAE(model, sl_sae).score(rand_ids(1, 5))[0].objective > 0
+
+
+def test_score_corpus_on_hooked_transformer_equals_hf(models):
+    hf, ht = models
+    sae = random_sae(D, 64, "topk", k=4, dtype=torch.float64)
+    docs = ["the king of the north is here", "what river is blue ? the red one", "one two three four five six"]
+    kw = dict(hook="blocks.1.hook_resid_post", tokenizer=tm.tokenizer(), progress=False, max_length=16)
+    a, b = gradsae.score_corpus(hf, sae, docs, **kw).stats, gradsae.score_corpus(ht, sae, docs, **kw).stats
+    assert float(a.relu_sum.abs().max()) > 0
+    torch.testing.assert_close(b.count, a.count, atol=0, rtol=0)
+    for name in ("score_sum", "relu_sum", "abs_sum", "act_sum"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-12, rtol=1e-8)

@@ -48,8 +48,8 @@ class HookedTransformerLM(torch.nn.Module):
         hooked: the ``HookedTransformer``; it is registered as the submodule ``hooked``, and
             hook names and module paths resolve on it (``get_submodule("blocks.2.hook_resid_post")``).
 
-    ``config`` carries ``hidden_size`` (``d_model``), ``num_hidden_layers`` and
-    ``model_type="hooked_transformer"``; ``tokenizer`` is the HookedTransformer's.
+    ``config`` carries ``hidden_size`` (``d_model``), ``num_hidden_layers``, ``vocab_size``,
+    ``n_ctx`` and ``model_type="hooked_transformer"``; ``tokenizer`` is the HookedTransformer's.
     """
 
     def __init__(self, hooked):
@@ -58,7 +58,7 @@ class HookedTransformerLM(torch.nn.Module):
         cfg = hooked.cfg
         self.config = SimpleNamespace(
             hidden_size=int(cfg.d_model), num_hidden_layers=int(cfg.n_layers),
-            vocab_size=int(cfg.d_vocab), model_type="hooked_transformer",
+            vocab_size=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx), model_type="hooked_transformer",
         )
         self.tokenizer = getattr(hooked, "tokenizer", None)
 
