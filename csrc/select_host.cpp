@@ -1,7 +1,8 @@
 // Host-only driver of the selection logic in select.cuh, for tests on machines without a GPU.
 //
-// It runs exactly the functions the device kernels run (one worker instead of a warp; the
-// `lanes` command also checks the 32-lane partition of the sort network) and mirrors the
+// It runs exactly the functions the device kernels run, with one worker or with a 32-lane
+// warp emulated by threads (`topk32`, `threshold32`: barriers for __syncwarp, a flag
+// exchange for __ballot_sync; `lanes`: the sort network's lane partition), and mirrors the
 // kernels' orchestration: per split, tiles of `bn` columns feed the top-k / threshold
 // epilogue; the split results are merged as the merge kernels do.
 //
@@ -14,11 +15,15 @@
 //              out int64 idx[rows*k], float32 val[rows*k]
 //   threshold: in  int32 rows, cols, cap, bn, split_cols; float32 v[rows*cols]; float32 thr[cols]
 //              out int32 total[rows], int64 idx[rows*cap], float32 val[rows*cap]
+//   topk32, threshold32: as topk, threshold, on an emulated 32-lane warp
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "select.cuh"
@@ -33,6 +38,62 @@ struct NoSync {
 struct OneLaneBallot {
   uint32_t operator()(bool p) const { return p ? 1u : 0u; }
 };
+
+// A 32-lane warp emulated with threads: sync() is a barrier, ballot() a barrier-fenced
+// exchange of flags. Racy or lane-divergent code shows up as wrong results or a hang.
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const int gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen != gen_; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, count_ = 0, gen_ = 0;
+};
+
+struct EmuSync {
+  Barrier* bar;
+  void operator()() const { bar->wait(); }
+};
+struct EmuBallot {
+  Barrier* bar;
+  int* flags;
+  int lane;
+  uint32_t operator()(bool p) const {
+    flags[lane] = p;
+    bar->wait();
+    uint32_t m = 0;
+    for (int i = 0; i < 32; ++i) m |= static_cast<uint32_t>(flags[i] != 0) << i;
+    bar->wait();
+    return m;
+  }
+};
+
+// Run fn(lane, nlanes, sync, ballot) as one worker (nlanes = 1) or as an emulated warp.
+template <class Fn>
+void on_warp(int nlanes, Fn fn) {
+  if (nlanes == 1) {
+    fn(0, 1, NoSync{}, OneLaneBallot{});
+    return;
+  }
+  Barrier bar(32);
+  int flags[32] = {0};
+  std::vector<std::thread> lanes;
+  for (int lane = 0; lane < 32; ++lane)
+    lanes.emplace_back([&, lane] { fn(lane, 32, EmuSync{&bar}, EmuBallot{&bar, flags, lane}); });
+  for (auto& t : lanes) t.join();
+}
 
 template <typename T>
 std::vector<T> read_n(size_t n) {
@@ -86,7 +147,7 @@ int cmd_sort(bool lanes) {
   return 0;
 }
 
-int cmd_topk() {
+int cmd_topk(int nlanes) {
   int rows = read_i32(), cols = read_i32(), k = read_i32(), bn = read_i32(), split_cols = read_i32();
   int has_thr = read_i32();
   auto v = read_n<float>((size_t)rows * cols);
@@ -98,28 +159,31 @@ int cmd_topk() {
     for (int s = 0; s < n_splits; ++s) {
       std::fill(state.begin(), state.end(), kEmptyKey);
       std::fill(queue.begin(), queue.end(), 0xdeadbeefULL);  // garbage beyond the queue length
-      int q = 0;
       const int c_end = (s + 1) * split_cols < cols ? (s + 1) * split_cols : cols;
-      for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
-        int nc = c_end - c0 < bn ? c_end - c0 : bn;
-        q = topk_tile_row(state.data(), queue.data(), q, &v[(size_t)r * cols + c0], has_thr ? &thr[c0] : nullptr,
-                          (uint32_t)c0, nc, k, kp, cp, 0, 1, NoSync{}, OneLaneBallot{});
-      }
-      if (q > 0) topk_flush(state.data(), queue.data(), q, kp, cp, 0, 1, NoSync{});
+      on_warp(nlanes, [&](int lane, int nl, auto sync, auto ballot) {
+        int q = 0;  // every lane tracks the same queue length, as on the device
+        for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
+          int nc = c_end - c0 < bn ? c_end - c0 : bn;
+          q = topk_tile_row(state.data(), queue.data(), q, &v[(size_t)r * cols + c0], has_thr ? &thr[c0] : nullptr,
+                            (uint32_t)c0, nc, k, kp, cp, lane, nl, sync, ballot);
+        }
+        if (q > 0) topk_flush(state.data(), queue.data(), q, kp, cp, lane, nl, sync);
+      });
       std::copy(state.begin(), state.end(), parts.begin() + ((size_t)r * n_splits + s) * kp);
     }
   std::vector<int64_t> idx((size_t)rows * k);
   std::vector<float> val((size_t)rows * k);
-  for (int r = 0; r < rows; ++r) {
-    merge_split_topk(state.data(), scratch.data(), &parts[(size_t)r * n_splits * kp], n_splits, kp, 0, 1, NoSync{});
-    emit_topk_row(state.data(), k, &idx[(size_t)r * k], &val[(size_t)r * k], 0, 1);
-  }
+  for (int r = 0; r < rows; ++r)
+    on_warp(nlanes, [&](int lane, int nl, auto sync, auto) {
+      merge_split_topk(state.data(), scratch.data(), &parts[(size_t)r * n_splits * kp], n_splits, kp, lane, nl, sync);
+      emit_topk_row(state.data(), k, &idx[(size_t)r * k], &val[(size_t)r * k], lane, nl);
+    });
   write_all(idx);
   write_all(val);
   return 0;
 }
 
-int cmd_threshold() {
+int cmd_threshold(int nlanes) {
   int rows = read_i32(), cols = read_i32(), cap = read_i32(), bn = read_i32(), split_cols = read_i32();
   auto v = read_n<float>((size_t)rows * cols);
   auto thr = read_n<float>(cols);
@@ -128,21 +192,26 @@ int cmd_threshold() {
   std::vector<int> counts((size_t)rows * n_splits);
   for (int r = 0; r < rows; ++r)
     for (int s = 0; s < n_splits; ++s) {
-      int count = 0;
       const int c_end = (s + 1) * split_cols < cols ? (s + 1) * split_cols : cols;
-      for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
-        int nc = c_end - c0 < bn ? c_end - c0 : bn;
-        count = threshold_tile_row(&parts[((size_t)r * n_splits + s) * cap], count, cap, &v[(size_t)r * cols + c0],
-                                   &thr[c0], (uint32_t)c0, nc, 0, 1, OneLaneBallot{});
-      }
-      counts[(size_t)r * n_splits + s] = count;
+      on_warp(nlanes, [&](int lane, int nl, auto, auto ballot) {
+        int count = 0;
+        for (int c0 = s * split_cols; c0 < c_end; c0 += bn) {
+          int nc = c_end - c0 < bn ? c_end - c0 : bn;
+          count = threshold_tile_row(&parts[((size_t)r * n_splits + s) * cap], count, cap, &v[(size_t)r * cols + c0],
+                                     &thr[c0], (uint32_t)c0, nc, lane, nl, ballot);
+        }
+        if (lane == 0) counts[(size_t)r * n_splits + s] = count;
+      });
     }
   std::vector<int32_t> total(rows);
   std::vector<int64_t> idx((size_t)rows * cap, 12345);
   std::vector<float> val((size_t)rows * cap, 12345.0f);
   for (int r = 0; r < rows; ++r)
-    total[r] = merge_split_threshold(&parts[(size_t)r * n_splits * cap], &counts[(size_t)r * n_splits], n_splits, cap,
-                                     cap, &idx[(size_t)r * cap], &val[(size_t)r * cap], 0, 1);
+    on_warp(nlanes, [&](int lane, int nl, auto, auto) {
+      int t = merge_split_threshold(&parts[(size_t)r * n_splits * cap], &counts[(size_t)r * n_splits], n_splits, cap,
+                                    cap, &idx[(size_t)r * cap], &val[(size_t)r * cap], lane, nl);
+      if (lane == 0) total[r] = t;
+    });
   write_all(total);
   write_all(idx);
   write_all(val);
@@ -153,15 +222,17 @@ int cmd_threshold() {
 
 int main(int argc, char** argv) {
   if (argc != 2) {
-    fprintf(stderr, "usage: select_host keys|sort|lanes|topk|threshold < input > output\n");
+    fprintf(stderr, "usage: select_host keys|sort|lanes|topk|threshold|topk32|threshold32 < input > output\n");
     return 1;
   }
   const char* c = argv[1];
   if (!strcmp(c, "keys")) return cmd_keys();
   if (!strcmp(c, "sort")) return cmd_sort(false);
   if (!strcmp(c, "lanes")) return cmd_sort(true);
-  if (!strcmp(c, "topk")) return cmd_topk();
-  if (!strcmp(c, "threshold")) return cmd_threshold();
+  if (!strcmp(c, "topk")) return cmd_topk(1);
+  if (!strcmp(c, "threshold")) return cmd_threshold(1);
+  if (!strcmp(c, "topk32")) return cmd_topk(32);
+  if (!strcmp(c, "threshold32")) return cmd_threshold(32);
   fprintf(stderr, "select_host: unknown command %s\n", c);
   return 1;
 }

@@ -1,9 +1,10 @@
 """Host-side tests of the CUDA selection/merge logic (csrc/select.cuh).
 
 The header's functions are what the encode and merge kernels run; a host-only build
-(csrc/select_host.cpp, compiled here with g++) runs them with one worker and the kernels'
-tiling, and every result is compared with an independent Python computation on fresh random
-inputs.
+(csrc/select_host.cpp, compiled here with g++) runs them with the kernels' tiling, with one
+worker and on a 32-lane warp emulated by threads (barriers for __syncwarp, a flag exchange
+for __ballot_sync), and every result is compared with an independent Python computation on
+fresh random inputs.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def driver(tmp_path_factory):
         pytest.skip("no host C++ compiler")
     exe = str(tmp_path_factory.mktemp("select_host") / "select_host")
     subprocess.run(
-        [cxx, "-O2", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I" + CSRC,
+        [cxx, "-O2", "-std=c++17", "-pthread", "-Wall", "-Wextra", "-Werror", "-I" + CSRC,
          os.path.join(CSRC, "select_host.cpp"), "-o", exe],
         check=True, capture_output=True,
     )
@@ -120,7 +121,8 @@ def _topk_expected(v: np.ndarray, thr: np.ndarray | None, k: int):
         (8, 2000, 17, 128, 2048, False),   # one split
     ],
 )
-def test_topk_tiles_and_split_merge(driver, rows, cols, k, bn, split_cols, thr):
+@pytest.mark.parametrize("cmd", ["topk", "topk32"])  # one worker / an emulated 32-lane warp
+def test_topk_tiles_and_split_merge(driver, cmd, rows, cols, k, bn, split_cols, thr):
     rng = _rng()
     v = rng.standard_normal((rows, cols)).astype(np.float32)
     v[:, ::7] = np.round(v[:, ::7], 1)   # exact ties across tiles and splits
@@ -129,7 +131,7 @@ def test_topk_tiles_and_split_merge(driver, rows, cols, k, bn, split_cols, thr):
     v[-1, :] = np.abs(v[-1, :]) + 0.5    # every column positive: the k largest overall
     t = (rng.random(cols).astype(np.float32) * 0.5) if thr else None
     payload = _i32(rows, cols, k, bn, split_cols, int(thr)) + v.tobytes() + (t.tobytes() if thr else b"")
-    out = driver("topk", payload)
+    out = driver(cmd, payload)
     idx = np.frombuffer(out[: 8 * rows * k], dtype=np.int64).reshape(rows, k)
     val = np.frombuffer(out[8 * rows * k:], dtype=np.float32).reshape(rows, k)
     want_idx, want_val = _topk_expected(v, t, k)
@@ -137,15 +139,16 @@ def test_topk_tiles_and_split_merge(driver, rows, cols, k, bn, split_cols, thr):
     np.testing.assert_array_equal(val.view(np.uint32), want_val.view(np.uint32))
 
 
+@pytest.mark.parametrize("cmd", ["topk", "topk32"])
 @pytest.mark.parametrize("order", ["ascending", "descending"])
-def test_topk_queue_flush_patterns(driver, order):
+def test_topk_queue_flush_patterns(driver, cmd, order):
     """Ascending columns: every tile beats the state (the queue fills and is merged again and
     again); descending: after the first tile nothing enters."""
     rows, cols, k = 3, 2000, 64
     v = np.sort(np.abs(_rng().standard_normal((rows, cols))).astype(np.float32) + 0.01, axis=1)
     if order == "descending":
         v = v[:, ::-1].copy()
-    out = driver("topk", _i32(rows, cols, k, 128, 1024, 0) + v.tobytes())
+    out = driver(cmd, _i32(rows, cols, k, 128, 1024, 0) + v.tobytes())
     idx = np.frombuffer(out[: 8 * rows * k], dtype=np.int64).reshape(rows, k)
     want_idx, _ = _topk_expected(v, None, k)
     np.testing.assert_array_equal(idx, want_idx)
@@ -173,7 +176,8 @@ def test_topk_matches_torch_topk_without_ties(driver):
         (4, 4096, 64, 128, 4096),  # one split
     ],
 )
-def test_threshold_compaction_with_capacity(driver, rows, cols, cap, bn, split_cols):
+@pytest.mark.parametrize("cmd", ["threshold", "threshold32"])
+def test_threshold_compaction_with_capacity(driver, cmd, rows, cols, cap, bn, split_cols):
     rng = _rng()
     v = rng.standard_normal((rows, cols)).astype(np.float32)
     thr = np.maximum(rng.standard_normal(cols).astype(np.float32) + 0.8, 0).astype(np.float32)
@@ -181,7 +185,7 @@ def test_threshold_compaction_with_capacity(driver, rows, cols, cap, bn, split_c
     v[1, ::13] = np.nan
     v[2, :] = -1.0                     # an empty row
     payload = _i32(rows, cols, cap, bn, split_cols) + v.tobytes() + thr.tobytes()
-    out = driver("threshold", payload)
+    out = driver(cmd, payload)
     total = np.frombuffer(out[: 4 * rows], dtype=np.int32)
     idx = np.frombuffer(out[4 * rows: 4 * rows + 8 * rows * cap], dtype=np.int64).reshape(rows, cap)
     val = np.frombuffer(out[4 * rows + 8 * rows * cap:], dtype=np.float32).reshape(rows, cap)
