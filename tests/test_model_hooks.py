@@ -137,3 +137,11 @@ def test_hook_from_sae_metadata_and_width_checks():
     with pytest.raises(InputError, match="does not match the width 128"):
         sc.score(torch.randint(4, tm.VOCAB, (6,)))
     assert not m.transformer.h[0].mlp.c_fc._forward_hooks
+
+
+def test_import_gradsae_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, gradsae; gradsae.GradSAE; assert 'transformers' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -211,6 +211,8 @@ def test_bad_inputs():
         sc.score(PROMPTS[0], objective="nope")
     with pytest.raises(InputError, match="target"):
         sc.score(PROMPTS[0], objective="logprob")
+    with pytest.raises(InputError, match="takes no argument"):
+        sc.score(PROMPTS[0], objective="predicted_prob", target=3)
     with pytest.raises(InputError, match="reduce"):
         sc.score(PROMPTS[0], reduce="median")
     with pytest.raises(InputError, match="tokenizer"):

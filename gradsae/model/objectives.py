@@ -69,6 +69,11 @@ def evaluate(objective, logits, input_ids, mask, position: int = -1, **kw) -> to
         if not isinstance(y, torch.Tensor) or y.dim() > 1 or (y.dim() == 1 and y.shape[0] != B):
             raise InputError("a callable objective must return a scalar or a [batch] tensor")
         return y
+    allowed = {"predicted_prob": (), "loss": (), "logprob": ("target",), "logit_diff": ("a", "b")}
+    if objective in allowed:
+        extra = sorted(set(kw) - set(allowed[objective]))
+        if extra:
+            raise InputError(f"objective {objective!r} takes no argument(s) {extra}")
     if objective == "predicted_prob":
         p = _at(logits, mask, position).softmax(-1)
         return p.max(-1).values
