@@ -91,35 +91,49 @@ class TopExamples:
         return self
 
     def _offer(self, j, s, a, d, p, ctx) -> None:
-        """Merge candidates (latent j, score s, act a, doc d, pos p, context) into the table."""
+        """Merge candidates (latent j, score s, act a, doc d, pos p, context) into the table.
+
+        Candidates are grouped by latent and cut to their best ``n`` (one sort of the
+        candidates only); each touched latent's row is then merged with its ``n`` kept
+        entries by sorting ``[rows, 2n]`` along the last dimension."""
         if j.numel() == 0:
             return
-        U = torch.unique(j)  # sorted
-        n = self.n
-        lat = torch.cat([U.repeat_interleave(n), j])
-        sc = torch.cat([self.score[U].reshape(-1), s])
-        ac = torch.cat([self.act[U].reshape(-1), a])
-        dc = torch.cat([self.doc[U].reshape(-1), d])
-        ps = torch.cat([self.pos[U].reshape(-1), p])
-        cx = torch.cat([self.ctx[U].reshape(-1, self.ctx.shape[-1]), ctx.to(torch.int32)])
-        order = _lexsort([lat, -sc, dc, ps])
-        lat, sc, ac, dc, ps, cx = lat[order], sc[order], ac[order], dc[order], ps[order], cx[order]
-        _, counts = torch.unique_consecutive(lat, return_counts=True)
+        n, dev = self.n, self.device
+        # (doc, pos) as one int64 tie-break key: documents < 2^32, positions < 2^31
+        dp = d * (1 << 31) + p
+        order = _lexsort([j, -s, dp])
+        j, s, a, dp, d, p, ctx = j[order], s[order], a[order], dp[order], d[order], p[order], ctx[order]
+        U, counts = torch.unique_consecutive(j, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        group = torch.arange(len(counts), device=lat.device).repeat_interleave(counts)
-        rank = torch.arange(lat.numel(), device=lat.device) - starts.repeat_interleave(counts)
-        sel = (rank < n) & torch.isfinite(sc)
-        rows, cols = U[group[sel]], rank[sel]
-        self.score[U] = float("-inf")
-        self.act[U] = 0
-        self.doc[U] = -1
-        self.pos[U] = -1
-        self.ctx[U] = -1
-        self.score[rows, cols] = sc[sel]
-        self.act[rows, cols] = ac[sel]
-        self.doc[rows, cols] = dc[sel]
-        self.pos[rows, cols] = ps[sel]
-        self.ctx[rows, cols] = cx[sel]
+        group = torch.arange(len(U), device=dev).repeat_interleave(counts)
+        rank = torch.arange(j.numel(), device=dev) - starts.repeat_interleave(counts)
+        keep = rank < n
+        g, r = group[keep], rank[keep]
+        # [U, 2n] rows: the kept entries, then the candidates; empty slots sort last
+        R = len(U)
+        big = torch.iinfo(torch.int64).max
+        sc = torch.cat([self.score[U], torch.full((R, n), float("-inf"), dtype=torch.float64, device=dev)], 1)
+        key = torch.cat([torch.where(self.doc[U] >= 0, self.doc[U] * (1 << 31) + self.pos[U],
+                                     torch.full_like(self.pos[U], big)),
+                         torch.full((R, n), big, dtype=torch.int64, device=dev)], 1)
+        src = torch.cat([torch.arange(R * n, device=dev).reshape(R, n), torch.full((R, n), -1, device=dev)], 1)
+        m = keep.nonzero(as_tuple=True)[0]
+        sc[g, n + r] = s[m]
+        key[g, n + r] = dp[m]
+        src[g, n + r] = R * n + torch.arange(m.numel(), device=dev)
+        o = key.argsort(dim=1, stable=True)
+        sc, key, src = sc.gather(1, o), key.gather(1, o), src.gather(1, o)
+        o = (-sc).argsort(dim=1, stable=True)[:, :n]
+        sc, src = sc.gather(1, o), src.gather(1, o)
+        filled = torch.isfinite(sc)
+        src = torch.where(filled, src, torch.zeros_like(src))
+        pool = lambda old, new: torch.cat([old[U].reshape(R * n, *old.shape[2:]), new[m]])  # noqa: E731
+        self.score[U] = torch.where(filled, sc, torch.full_like(sc, float("-inf")))
+        self.act[U] = torch.where(filled, pool(self.act, a)[src], torch.zeros_like(sc))
+        self.doc[U] = torch.where(filled, pool(self.doc, d)[src], torch.full_like(src, -1))
+        self.pos[U] = torch.where(filled, pool(self.pos, p)[src], torch.full_like(src, -1))
+        cx = pool(self.ctx, ctx.to(torch.int32))[src]
+        self.ctx[U] = torch.where(filled.unsqueeze(-1), cx, torch.full_like(cx, -1))
 
     def merge(self, other: "TopExamples") -> "TopExamples":
         """Fold ``other``'s examples into this table (in place); returns self."""

@@ -1,0 +1,270 @@
+"""End-to-end benchmark of `gradsae score` against the floor and the dense-gradient approach.
+
+    python bench/corpus_bench.py                       # GPT-2-small config, hook blocks.6, 32768 latents
+    python bench/corpus_bench.py --tokens 2048         # shorter
+
+Three variants score the same corpus (random words, a local word-level tokenizer), with the
+same model (GPT-2-small config, random weights, built from the config with a fixed seed), on
+the same batches (gradsae's token-budget batcher), each in a fresh subprocess:
+
+- ``floor``: the bare model forward plus an activation-only backward of the same objective
+  (mean next-token loss per sequence) down to the hook, no SAE: parameters frozen, the hook's
+  output made a leaf so backward stops there.
+- ``gradsae``: ``gradsae.score_corpus`` end to end (tokenising, batching, forward + backward
+  with the spliced SAE, LatentStats, top examples, and writing the output directory).
+- ``dense``: the approach of the paper's released code and SAELens' attribution tutorial:
+  dense latents ``z = encode(x.detach())`` with ``requires_grad`` + ``retain_grad`` spliced in
+  with a forward hook, parameters left requiring grad, backward, then the same per-latent
+  statistics from the dense ``z * z.grad``.
+
+Time is the wall time of the scoring loop (for gradsae the whole ``score_corpus`` call) after
+one small warm-up batch; memory is the peak resident set during it (VmHWM after resetting it
+through /proc/self/clear_refs after the warm-up, so what the warm-up leaves resident, such as
+parameter gradients, counts), reported whole and above the resident set of the built model +
+SAE. Results go to bench/results/cpu-corpus.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VOCAB = 50257
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def tokenizer():
+    """A word-level tokenizer over VOCAB synthetic words (w0 ... w50256), built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", pad_token="w0", eos_token="w0")
+
+
+def build(args):
+    import torch
+    import transformers as tf
+
+    import gradsae
+
+    cfg = tf.GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=VOCAB,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    d, n = 768, args.d_sae
+    W_dec = torch.randn(n, d, generator=g)
+    W_dec /= W_dec.norm(dim=-1, keepdim=True)
+    sae = gradsae.SAE(W_dec.T.contiguous() * 0.5, torch.randn(n, generator=g) * 0.01, W_dec,
+                      torch.zeros(d), "topk", k=args.k)
+    return model, sae
+
+
+def _batches(args, tok):
+    from gradsae.corpus.batching import make_batches
+    from gradsae.corpus.data import open_corpus
+
+    return list(make_batches(open_corpus(args.data), tok, max_length=args.max_length,
+                             batch_tokens=args.batch_tokens, min_length=2))
+
+
+def _loss(logits, ids, mask):
+    import torch
+
+    lp = logits[:, :-1].float().log_softmax(-1)
+    nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    valid = (mask[:, :-1] & mask[:, 1:]).to(nll.dtype)
+    return ((nll * valid).sum(-1) / valid.sum(-1).clamp(min=1)).sum()
+
+
+def child(args) -> dict:
+    import torch
+
+    import gradsae
+
+    model, sae = build(args)
+    tok = tokenizer()
+    block = model.transformer.h[args.layer]
+    warm = torch.randint(0, VOCAB, (1, 32))
+    out: dict = {"variant": args.child}
+
+    if args.child == "gradsae":
+        scorer = gradsae.GradSAE(model, sae, hook=f"blocks.{args.layer}.hook_resid_post")
+        base = _status_kib("VmRSS")  # model + SAE
+        scorer.attribute(warm, torch.ones_like(warm))
+        ok = _reset_peak()
+        t = time.perf_counter()
+        res = gradsae.score_corpus(model, sae, args.data, hook=f"blocks.{args.layer}.hook_resid_post",
+                                   tokenizer=tok, out=args.outdir, overwrite=True, max_length=args.max_length,
+                                   batch_tokens=args.batch_tokens, progress=False)
+        out["seconds"] = time.perf_counter() - t
+        out["tokens"] = res.stats.tokens
+        out["batches"] = res.meta["batches"]
+        out["loop_seconds"] = res.meta["seconds"]
+    else:
+        batches = _batches(args, tok)
+        stats = gradsae.LatentStats(sae.d_sae) if args.child == "dense" else None
+        if args.child == "floor":
+            for p in model.parameters():
+                p.requires_grad_(False)
+
+            def hook(mod, inp, o):
+                h = o[0] if isinstance(o, tuple) else o
+                h = h.detach().requires_grad_(True)
+                return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+        else:
+            zs = []
+
+            def hook(mod, inp, o):
+                h = o[0] if isinstance(o, tuple) else o
+                pre = (h.detach() - sae.b_dec) @ sae.W_enc + sae.b_enc
+                top = pre.topk(sae.k, dim=-1)
+                z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+                z.requires_grad_(True)
+                z.retain_grad()
+                zs.append(z)
+                xh = z @ sae.W_dec + sae.b_dec
+                return (xh,) + tuple(o[1:]) if isinstance(o, tuple) else xh
+
+        handle = block.register_forward_hook(hook)
+
+        def step(ids, mask):
+            logits = model(input_ids=ids, attention_mask=mask.long()).logits
+            _loss(logits, ids, mask.bool()).backward()
+            if args.child == "dense":
+                z = zs.pop()
+                s = (z.grad * z).detach()
+                active = z.detach() != 0
+                m = mask.bool().unsqueeze(-1)
+                s, zz, act = s * m, z.detach() * m, active & m
+                stats.tokens += int(mask.sum())
+                stats.count += act.sum((0, 1))
+                stats.act_sum += zz.sum((0, 1)).double()
+                stats.score_sum += s.sum((0, 1)).double()
+                stats.relu_sum += s.relu().sum((0, 1)).double()
+                stats.abs_sum += s.abs().sum((0, 1)).double()
+                smax = torch.where(act, s, torch.full_like(s, float("-inf"))).amax((0, 1)).double()
+                torch.maximum(stats.score_max, smax, out=stats.score_max)
+                model.zero_grad(set_to_none=False)  # as a loop over batches does
+
+        base = _status_kib("VmRSS")  # model + SAE; what the warm-up leaves (parameter grads) counts
+        step(warm, torch.ones_like(warm))
+        ok = _reset_peak()
+        t = time.perf_counter()
+        tokens = 0
+        for b in batches:
+            step(b.input_ids, b.attention_mask)
+            tokens += b.tokens
+        out["seconds"] = time.perf_counter() - t
+        out["tokens"] = tokens
+        out["batches"] = len(batches)
+        handle.remove()
+    peak = _status_kib("VmHWM")
+    out.update({"peak_rss_mib": peak / 1024, "base_rss_mib": base / 1024,
+                "peak_above_base_mib": (peak - base) / 1024, "peak_reset": ok,
+                "tokens_per_s": out["tokens"] / out["seconds"], "threads": torch.get_num_threads()})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096, help="corpus size in tokens (about)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--batch-tokens", type=int, default=1024)
+    ap.add_argument("--d-sae", type=int, default=32768)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--layer", type=int, default=6)
+    ap.add_argument("--variants", default="floor,gradsae,dense")
+    ap.add_argument("--out", default=str(HERE / "results" / "cpu-corpus.json"))
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--outdir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+
+    import torch
+
+    import gradsae
+
+    work = Path(tempfile.mkdtemp(prefix="gradsae-corpus-bench-"))
+    data = work / "corpus.txt"
+    rng = random.Random(0)
+    lines, n = [], 0
+    while n < args.tokens:  # documents of 20..300 words: some windowed, some short
+        k = rng.randint(20, 300)
+        lines.append(" ".join(f"w{rng.randrange(VOCAB)}" for _ in range(k)))
+        n += k
+    data.write_text("\n".join(lines) + "\n")
+    results = {}
+    for v in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--child", v, "--data", str(data), "--outdir", str(work / "out"),
+               "--max-length", str(args.max_length), "--batch-tokens", str(args.batch_tokens),
+               "--d-sae", str(args.d_sae), "--k", str(args.k), "--layer", str(args.layer)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode != 0 or not line:
+            raise SystemExit(f"variant {v} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+        results[v] = json.loads(line[0][7:])
+        r = results[v]
+        print(f"{v:8s} {r['tokens']:6d} tok {r['seconds']:8.2f} s {r['tokens_per_s']:8.1f} tok/s "
+              f"peak {r['peak_rss_mib']:8.0f} MiB (+{r['peak_above_base_mib']:.0f} over model)", flush=True)
+    summary = {}
+    if {"floor", "gradsae"} <= set(results):
+        summary["time_vs_floor"] = results["gradsae"]["seconds"] / results["floor"]["seconds"]
+        summary["target_time_vs_floor_max"] = 1.25
+    if {"dense", "gradsae"} <= set(results):
+        summary["throughput_vs_dense"] = results["gradsae"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
+        summary["target_throughput_vs_dense_min"] = 1.5
+        summary["peak_rss_vs_dense"] = results["gradsae"]["peak_rss_mib"] / results["dense"]["peak_rss_mib"]
+        summary["peak_above_model_vs_dense"] = (results["gradsae"]["peak_above_base_mib"]
+                                                / results["dense"]["peak_above_base_mib"])
+        summary["target_peak_vs_dense_max"] = 0.5
+    print(json.dumps(summary, indent=2))
+    doc = {
+        "benchmark": "gradsae score end to end vs floor vs dense retain_grad",
+        "shape": {"model": "GPT-2-small config, random weights", "layer": args.layer, "hook": f"blocks.{args.layer}.hook_resid_post",
+                  "d_in": 768, "d_sae": args.d_sae, "k": args.k, "max_length": args.max_length,
+                  "batch_tokens": args.batch_tokens, "objective": "loss", "mode": "splice"},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__, "gradsae": gradsae.__version__,
+                    "note": "shared development machine: other processes ran on the same cores"},
+        "results": results,
+        "summary": summary,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
