@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.gradsae-installed
 PIP    := $(BIN)/python -m pip install -c constraints.txt
 
-.PHONY: setup test test-gpu bench demo clean
+.PHONY: setup test test-gpu build-cuda bench demo clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ setup: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# On a GPU machine: build the CUDA extension (gradsae._C) into the venv, then run the GPU tests.
+build-cuda: $(STAMP)
+	GRADSAE_BUILD_CUDA=1 $(PIP) --no-build-isolation -e .
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
