@@ -12,12 +12,13 @@ the argmax next token at the last position, score = mean over positions of relu(
   a leaf with ``requires_grad`` and keeps it; one forward, one backward, then
   ``relu(z * z.grad).mean(1)`` (the ``[tokens, d_sae]`` latents and their gradient exist densely).
 - ``gradsae``: ``gradsae.GradSAE(model, sae).score(tokens)``.
+- ``model``: the floor both share: the same forward and backward down to the hook, no SAE.
 
 Each variant runs in a fresh subprocess; peak memory is the peak resident set during its first
 run above the resident set just before it (CPU, peak counter reset through
 /proc/self/clear_refs), or torch.cuda.max_memory_allocated above the allocation before it
 (GPU). Time is the median of ``--repeat`` runs after that first one. Results are printed and the
-two variants' scores are checked against each other.
+dense and gradsae scores are checked against each other.
 """
 
 from __future__ import annotations
@@ -83,6 +84,20 @@ def dense_scores(model, sae, tokens):
     return (z * z.grad).relu().mean(dim=1)
 
 
+def model_only(model, sae, tokens):
+    """The floor both variants share: the same forward and backward down to the hook, no SAE."""
+    kept = {}
+
+    def keep(acts, hook):
+        acts = acts.detach().requires_grad_(True)
+        kept["h"] = acts
+        return acts
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(sae.cfg.metadata.hook_name, keep)])
+    logits[:, -1].softmax(-1).max(-1).values.sum().backward()
+    return kept["h"].grad[:, 0, :1]
+
+
 def gradsae_scores(model, sae, tokens, backend="auto"):
     import torch
 
@@ -99,7 +114,7 @@ def _child(args) -> dict:
     from run import _rss_kib
 
     model, sae, tokens = build(args)
-    fn = dense_scores if args.variant == "dense" else gradsae_scores
+    fn = {"dense": dense_scores, "gradsae": gradsae_scores, "model": model_only}[args.variant]
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -156,7 +171,7 @@ def main() -> int:
 
     rows, scores = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("dense", "gradsae"):
+        for variant in ("dense", "gradsae", "model"):
             out = str(Path(tmp) / f"{variant}.pt")
             cmd = [sys.executable, __file__, "--child", "1", "--variant", variant, "--scores-out", out] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
@@ -175,7 +190,7 @@ def main() -> int:
     print(f"GradSAE on {device_name(args.device)}: HookedSAETransformer d_model={args.d_model} layers={args.layers} "
           f"vocab={args.vocab}; SAELens TopKSAE d_sae={args.d_sae} k={args.k}; {args.B} x {args.T} tokens, float32")
     print(f"{'variant':10s} {'median s':>10s} {'tokens/s':>10s} {'peak extra MiB':>15s}")
-    for name, r in (("dense", d), ("gradsae", g)):
+    for name, r in (("dense", d), ("gradsae", g), ("model", rows["model"])):
         print(f"{name:10s} {r['time_s']:10.3f} {tokens / r['time_s']:10.0f} {r['peak_extra_bytes'] / 2**20:15.1f}")
     print(f"gradsae: {d['time_s'] / g['time_s']:.2f}x faster, {g['peak_extra_bytes'] / max(1, d['peak_extra_bytes']):.3f} "
           f"of the dense peak memory; max score difference {err:.1e} of the largest score")
