@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .errors import InputError
+from .model.interventions import perturbation, steering
 
 PROMPT = (
     "Answer the following question based on the context.\nContext:\n{context}\n\nQuestion:\n"
@@ -178,16 +179,6 @@ class ExperimentResult:
         return {"n_total": self.n_total, "n_kept": self.n_kept, "rows": self.rows, "records": self.records}
 
 
-def donor_values(s, latents, how: str = "last") -> dict:
-    """``{latent: value}`` for steering with a donor's latents, from its :class:`PromptScores`:
-    activation at its last position (``last``), mean activation (``mean``), or its GradSAE score
-    (``score``, what the released code stores and injects)."""
-    src = {"last": s.last_acts, "mean": s.mean_acts, "score": s.scores}.get(how)
-    if src is None:
-        raise InputError(f"donor_values must be 'last', 'mean' or 'score', got {how!r}")
-    return {int(j): float(src[j]) for j in latents}
-
-
 def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=STUDIES,
                     max_new_tokens: int = 50, trigger: str = "[", template: str = PROMPT,
                     steer_positions: str = "last", donor_how: str = "last",
@@ -230,8 +221,9 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
             sc = item.scores if method == "gradsae" else item.scores.activation_baseline()
             if study == "perturbation":
                 for sel in ("top", "bottom"):
-                    lat = (sc.top(k, strict=False) if sel == "top" else sc.bottom(k, strict=False)).tolist()
-                    with scorer.intervene(zero=lat):
+                    edit = perturbation(sc, k, sel)
+                    lat = edit["zero"]
+                    with scorer.intervene(**edit):
                         a = ask(item.prompt)
                     rec = {"id": item.example["id"], "study": study, "method": method, "K": k,
                            "selection": sel, "latents": lat, "answer": a,
@@ -240,10 +232,9 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
                     acc.setdefault((study, method, k, sel), []).append(rec)
             else:
                 dsc = donor.scores if method == "gradsae" else donor.scores.activation_baseline()
-                own = sc.top(k, strict=False).tolist()
-                give = dsc.top(k, strict=False).tolist()
-                vals = donor_values(dsc, give, donor_how)
-                with scorer.intervene(zero=own, set=vals, positions=steer_positions):
+                edit = steering(sc, dsc, k, values=donor_how, positions=steer_positions)
+                own, vals = edit["zero"], edit["set"]
+                with scorer.intervene(**edit):
                     a = ask(item.prompt)
                 rec = {"id": item.example["id"], "donor": donor.example["id"], "study": study, "method": method,
                        "K": k, "selection": "top", "latents": own, "donor_latents": vals, "answer": a,
@@ -283,7 +274,6 @@ __all__ = [
     "PROMPT",
     "PROMPT_GEMMA_RELEASED",
     "ExperimentResult",
-    "donor_values",
     "exact_match",
     "extract_answer",
     "f1",

@@ -175,3 +175,25 @@ def test_bad_interventions(parts):
         pass
     with pytest.raises(InputError, match="positions"), sc.intervene(zero=[1], positions="first"):
         pass
+
+
+def test_paper_perturbation_and_steering_arguments(parts):
+    from gradsae.model import perturbation, steering
+
+    m, sae, sc, _ = parts
+    own = sc.score(torch.randint(4, tm.VOCAB, (7,)))
+    donor = sc.score(torch.randint(4, tm.VOCAB, (9,)))
+    p = perturbation(own, 3)
+    assert p == {"zero": own.top(3).tolist(), "positions": "all"}
+    assert perturbation(own, 0.5, "bottom")["zero"] == own.bottom(0.5, strict=False).tolist()
+    s = steering(own, donor, 2)
+    assert s["zero"] == own.top(2).tolist() and s["positions"] == "last"
+    assert list(s["set"]) == donor.top(2).tolist()
+    for j, v in s["set"].items():
+        assert v == float(donor.last_acts[j])
+    assert steering(own, donor, 2, values="score", positions="all")["set"] == {
+        int(j): float(donor.scores[j]) for j in donor.top(2)}
+    with pytest.raises(InputError, match="donor values"):
+        steering(own, donor, 2, values="max")
+    with sc.intervene(**s):  # a valid intervention
+        pass

@@ -29,11 +29,12 @@ def run(args) -> int:
     kk = parse_k(args.top or args.bottom) if (args.top or args.bottom) else None
     scorer = build_scorer(args)
     if kk is not None:
+        from ..model.interventions import perturbation
         from .select import select
 
         args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
         res, _, _ = select(scorer, prompt, args)
-        latents = (res.top(kk, strict=False) if args.top else res.bottom(kk, strict=False)).tolist()
+        latents = perturbation(res, kk, "top" if args.top else "bottom")["zero"]
     base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
     with scorer.intervene(zero=latents, positions=args.positions):
         out = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)

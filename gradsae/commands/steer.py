@@ -40,15 +40,15 @@ def run(args) -> int:
     scorer = build_scorer(args)
     positions = args.positions or ("last" if args.donor else "all")
     if args.donor:
-        from ..experiments import donor_values
+        from ..model.interventions import steering
         from .select import select
 
-        k = parse_k(args.k)
         args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
         own, _, _ = select(scorer, prompt, args)
         don, _, _ = select(scorer, args.donor, args)
-        zero += own.top(k, strict=False).tolist()
-        setv.update(donor_values(don, don.top(k, strict=False).tolist(), args.donor_values))
+        edit = steering(own, don, parse_k(args.k), values=args.donor_values, positions=positions)
+        zero += edit["zero"]
+        setv.update(edit["set"])
     base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
     with scorer.intervene(zero=zero, set=setv, add=addv, positions=positions):
         out = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)

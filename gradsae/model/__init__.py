@@ -3,7 +3,7 @@ generation and interventions. Imports nothing from transformers."""
 
 from .generation import Generation, generate, score_at_trigger
 from .hooks import HookPoint, attach_replacement, resolve_hook, valid_names
-from .interventions import Intervention
+from .interventions import Intervention, donor_values, perturbation, steering
 from .results import PromptScores, ScoreResult
 from .scorer import Attribution, GradSAE
 from .splice import Splice
@@ -18,8 +18,11 @@ __all__ = [
     "ScoreResult",
     "Splice",
     "attach_replacement",
+    "donor_values",
     "generate",
+    "perturbation",
     "resolve_hook",
     "score_at_trigger",
+    "steering",
     "valid_names",
 ]

@@ -3,7 +3,9 @@ directions.
 
     with scorer.intervene(zero=[12, 40]):                      # the paper's perturbation
         text = scorer.generate(prompt)
-    with scorer.intervene(zero=own_top, set={7: 3.2, 9: 1.0}, positions="last"):  # steering
+    with scorer.intervene(**perturbation(scores, 10)):         # the same, from PromptScores
+        ...
+    with scorer.intervene(**steering(own, donor, 10)):         # the paper's local steering
         ...
 
 An edit applies to every forward through the hook while the ``with`` block runs, so to every
@@ -87,3 +89,35 @@ class Intervention:
                 add = add * pos.unsqueeze(-1)
             extra = extra + add
         return acts, extra
+
+
+DONOR_VALUES = ("last", "mean", "score")
+
+
+def donor_values(scores, latents, how: str = "last") -> dict[int, float]:
+    """``{latent: value}`` to inject a donor's ``latents``, from the donor's
+    :class:`~gradsae.model.results.PromptScores`: its activation at the last position
+    (``"last"``), its mean activation (``"mean"``), or its GradSAE score (``"score"``: what the
+    released code stores and injects)."""
+    src = {"last": scores.last_acts, "mean": scores.mean_acts, "score": scores.scores}.get(how)
+    if src is None:
+        raise InputError(f"donor values must be one of {DONOR_VALUES}, got {how!r}")
+    return {int(j): float(src[j]) for j in latents}
+
+
+def perturbation(scores, K, which: str = "top", positions: str = "all", strict: bool = False) -> dict:
+    """The paper's perturbation as :meth:`GradSAE.intervene` arguments: zero the prompt's
+    Top-K (``which="top"``) or Bottom-K latents of ``scores`` (a ``PromptScores``)."""
+    if which not in ("top", "bottom"):
+        raise InputError(f"which must be 'top' or 'bottom', got {which!r}")
+    lat = scores.top(K, strict) if which == "top" else scores.bottom(K, strict)
+    return {"zero": lat.tolist(), "positions": positions}
+
+
+def steering(own, donor, K, values: str = "last", positions: str = "last", strict: bool = False) -> dict:
+    """The paper's local steering as :meth:`GradSAE.intervene` arguments: zero ``own``'s Top-K
+    and set ``donor``'s Top-K to the donor's ``values`` (see :func:`donor_values`), at the
+    ``"last"`` position (the released code) or ``"all"`` positions (the paper's text)."""
+    give = donor.top(K, strict).tolist()
+    return {"zero": own.top(K, strict).tolist(), "set": donor_values(donor, give, values),
+            "positions": positions}
