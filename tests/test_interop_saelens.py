@@ -64,6 +64,7 @@ def test_encode_decode_equal_saelens(arch, kw, norm, apply_b_dec):
     with torch.no_grad():
         torch.testing.assert_close(sae(x), lib(x), atol=1e-10, rtol=0)
     assert sae.hook_name == "blocks.1.hook_resid_post" and sae.meta.model_name == "tiny"
+    assert sae.meta.hook_layer == 1   # read from the hook name, as the loader does
 
 
 @pytest.mark.parametrize("arch,kw", CASES[1:], ids=["topk", "topk-rescale", "jumprelu", "gated"])

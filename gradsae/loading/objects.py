@@ -9,9 +9,9 @@ imported here, so this works whichever of them are installed):
   SAELens saves them in for inference). The input normalisation (``constant_norm_rescale``,
   ``layer_norm``) and ``apply_b_dec_to_input`` are carried over; attention-output (``hook_z``)
   SAEs read the heads flattened into ``d_in = n_heads * d_head`` and are flagged
-  ``metadata["reshape_activations"] = "hook_z"``, as gradsae's SAELens loader does; ``expected_average_only_in``
-  and ``covariance_whitening`` are identities in SAELens' own ``encode`` (they are folded into
-  the weights at load time), so they are identities here too.
+  ``metadata["reshape_activations"] = "hook_z"``, as gradsae's SAELens loader does;
+  ``expected_average_only_in`` and ``covariance_whitening`` are identities in SAELens' own
+  ``encode`` (they are folded into the weights at load time), so they are identities here too.
 - **EleutherAI sparsify** (``sparsify``) ``SparseCoder`` (alias ``Sae``) with the ``topk``
   activation.
 - **dictionary_learning** (``dictionary_learning``) ``AutoEncoder``, ``AutoEncoderNew``,
@@ -22,7 +22,8 @@ Gated SAEs fit gradsae's JumpReLU form exactly. With the shared encoder ``W``,
 ``gate = x'W + b_gate`` and ``mag = x'(W * exp(r_mag)) + b_mag``, the latent is
 ``mag * [gate > 0] * [mag > 0]``. Because ``exp(r_mag) > 0``, ``gate > 0`` holds exactly when
 ``mag > b_mag - exp(r_mag) * b_gate``, so the latent is a JumpReLU of ``mag`` with threshold
-``b_mag - exp(r_mag) * b_gate`` (gradsae's jumprelu also requires ``mag > 0``).
+``b_mag - exp(r_mag) * b_gate`` (gradsae's jumprelu also requires ``mag > 0``). In floating
+point the two forms can disagree only for a latent whose gate is within rounding of 0.
 
 The result shares the library's weight tensors where no conversion is needed (transposes are
 views); gated encoders and thresholds are computed once. Call ``from_object`` again after
@@ -37,6 +38,7 @@ import torch
 
 from ..errors import InputError
 from ..sae import SAE
+from .readers import hook_layer_from_name
 
 SUPPORTED = (
     "a gradsae SAE; SAELens SAE/TrainingSAE (standard, topk, jumprelu, gated, batchtopk, "
@@ -151,12 +153,13 @@ def _from_saelens(obj: Any) -> SAE:
         val = metaget(key)
         if val is not None:
             extra[key] = val
+    hook_name = metaget("hook_name")
     kw = dict(
         apply_b_dec_to_input=bool(getattr(cfg, "apply_b_dec_to_input", True)),
         normalize_activations=_SAELENS_NORMS[norm],
-        hook_name=metaget("hook_name"),
+        hook_name=hook_name,
         model_name=metaget("model_name"),
-        hook_layer=metaget("hook_layer"),
+        hook_layer=layer if (layer := metaget("hook_layer")) is not None else hook_layer_from_name(hook_name),
         metadata=extra,
     )
     W_enc, W_dec, b_dec = obj.W_enc, obj.W_dec, obj.b_dec
