@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import EMPTY, merge_partials, merge_running_topk, pack_keys
+from .topk import EMPTY_KEY, merge_partials, merge_running_topk, pack_keys
 from .tuning import (
     SPLIT_GRANULE,
     encode_configs,
@@ -62,10 +62,11 @@ def _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm,
 
 
 @triton.jit
-def _encode_topk_kernel(X, W, BIAS, SCALE, PART, N, D_IN, D_SAE, COLS_PER_SPLIT,
+def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER_SPLIT,
                         stride_xm, stride_wk, stride_pm,
-                        HAS_SCALE: tl.constexpr, KP: tl.constexpr, UPCAST: tl.constexpr,
-                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        HAS_SCALE: tl.constexpr, KP: tl.constexpr, QCAP: tl.constexpr,
+                        UPCAST: tl.constexpr, PREC: tl.constexpr,
+                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BM)
     split = pid // row_blocks
@@ -73,14 +74,47 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, N, D_IN, D_SAE, COLS_PER_SPLIT,
     row_ok = rows < N
     c_start = split * COLS_PER_SPLIT
     c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
-    best = tl.full([BM, KP], EMPTY, dtype=tl.int64)
+    best = tl.full([BM, KP], EMPTY_KEY, dtype=tl.int64)
+    # Candidate queue (QCAP > 0): a tile's keys above the row's current k-th best are appended
+    # to a per-row queue in global scratch (L2); the bitonic merge runs only when a queue
+    # would overflow, instead of on every tile.
+    kth = tl.full([BM], EMPTY_KEY, dtype=tl.int64)
+    qn = tl.zeros([BM], dtype=tl.int32)
+    qcols = tl.arange(0, QCAP if QCAP > 0 else 1)
+    q_row = QUEUE + (pid.to(tl.int64) * BM + tl.arange(0, BM))[:, None] * QCAP
     for c0 in range(c_start, c_end, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < c_end
         v = _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
                          HAS_SCALE, BM, BN, BK, UPCAST, PREC)
-        keys = tl.where(col_ok[None, :], pack_keys(v, cols), EMPTY)
-        best = merge_running_topk(best, keys, KP)
+        keys = tl.where(col_ok[None, :], pack_keys(v, cols), EMPTY_KEY)
+        if QCAP == 0:
+            best = merge_running_topk(best, keys, KP)
+        else:
+            hit = keys > kth[:, None]
+            nh = tl.sum(hit.to(tl.int32), axis=1)
+            if tl.max(qn + nh, axis=0) > QCAP:
+                # flush: merge the queues into the running top-k, raise the bar, re-filter
+                tl.debug_barrier()
+                q = tl.load(q_row + qcols[None, :], mask=qcols[None, :] < qn[:, None], other=EMPTY_KEY)
+                best = merge_running_topk(best, q, KP)
+                kth = tl.min(best, axis=1)
+                qn = tl.zeros([BM], dtype=tl.int32)
+                hit = keys > kth[:, None]
+                nh = tl.sum(hit.to(tl.int32), axis=1)
+                if tl.max(nh, axis=0) > QCAP:  # a tile that alone fills a queue: merge it directly
+                    best = merge_running_topk(best, keys, KP)
+                    kth = tl.min(best, axis=1)
+                    hit = keys < EMPTY_KEY
+                    nh = tl.zeros([BM], dtype=tl.int32)
+                tl.debug_barrier()
+            pos = tl.cumsum(hit.to(tl.int32), axis=1) - 1 + qn[:, None]
+            tl.store(q_row + pos, keys, mask=hit)
+            qn = qn + nh
+    if QCAP > 0:
+        tl.debug_barrier()
+        q = tl.load(q_row + qcols[None, :], mask=qcols[None, :] < qn[:, None], other=EMPTY_KEY)
+        best = merge_running_topk(best, q, KP)
     out = PART + rows.to(tl.int64)[:, None] * stride_pm + split * KP + tl.arange(0, KP)[None, :]
     tl.store(out, best, mask=row_ok[:, None])
 
@@ -88,8 +122,8 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, N, D_IN, D_SAE, COLS_PER_SPLIT,
 @triton.jit
 def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N, D_IN, D_SAE,
                              COLS_PER_SPLIT, CAP, stride_xm, stride_wk,
-                             HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                             HAS_SCALE: tl.constexpr, OFF64: tl.constexpr, UPCAST: tl.constexpr,
+                             PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BM)
     split = pid // row_blocks
@@ -97,7 +131,8 @@ def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N,
     row_ok = rows < N
     c_start = split * COLS_PER_SPLIT
     c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
-    row_base = rows.to(tl.int64)[:, None] * CAP
+    # slot offsets in 32 bits unless N * CAP needs more (fewer registers for the scatter)
+    row_base = (rows.to(tl.int64) if OFF64 else rows)[:, None] * CAP
     for c0 in range(c_start, c_end, BN):
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < c_end
@@ -117,13 +152,13 @@ def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N,
 
 _topk_tuned = triton.autotune(
     configs=encode_configs(),
-    key=["D_IN", "D_SAE", "KP", "HAS_SCALE", "UPCAST", "PREC"],
+    key=["D_IN", "D_SAE", "KP", "QCAP", "HAS_SCALE", "UPCAST", "PREC"],
     prune_configs_by={"early_config_prune": prune_encode_configs},
 )(_encode_topk_kernel)
 
 _threshold_tuned = triton.autotune(
     configs=encode_configs(),
-    key=["D_IN", "D_SAE", "HAS_SCALE", "UPCAST", "PREC"],
+    key=["D_IN", "D_SAE", "HAS_SCALE", "OFF64", "UPCAST", "PREC"],
     reset_to_zero=["COUNT"],
 )(_encode_threshold_kernel)
 
@@ -161,7 +196,7 @@ def _check(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor) -> None:
 
 def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int,
                 dec_norm: torch.Tensor | None = None, *, n_splits: int | None = None,
-                deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                deterministic: bool = False, queue: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` latents of ``v = (a @ W_enc + bias) * dec_norm`` per row, no dense ``v``.
 
     Args:
@@ -173,6 +208,9 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
         n_splits: d_sae splits (default: enough programs to fill the device).
         deterministic: a fixed tile configuration instead of the autotuned one (the values
             then never depend on which configuration won a tuning run).
+        queue: filter each tile against the running k-th best into a per-row candidate
+            queue and merge only when it fills (default: when d_sae is large enough for the
+            filter to pay); False merges every tile. The result is the same either way.
 
     Returns:
         ``(acts float32, indices int64)``, ``[N, min(k, d_sae)]``, descending by value; empty
@@ -189,10 +227,15 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     W_enc = W_enc if W_enc.stride(1) == 1 else W_enc.contiguous()
     S, cols = plan_splits(n, d_sae, n_splits)
     part = torch.empty((n, S, KP), dtype=torch.int64, device=a.device)
+    if queue is None:
+        queue = d_sae > 4 * max(KP, 64)
+    qcap = 2 * max(KP, 64) if queue else 0
+    # one queue row per (program, tile row): at most (n + BM - 1) * S rows for any BM <= 256
+    scratch = torch.empty(((n + 256) * S, qcap) if qcap else (1,), dtype=torch.int64, device=a.device)
     upcast, prec = _precision(a.dtype)
     scale = dec_norm if dec_norm is not None else bias
-    args = (a, W_enc, bias, scale, part, n, d_in, d_sae, cols, a.stride(0), W_enc.stride(0), S * KP)
-    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, UPCAST=upcast, PREC=prec)
+    args = (a, W_enc, bias, scale, part, scratch, n, d_in, d_sae, cols, a.stride(0), W_enc.stride(0), S * KP)
+    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QCAP=qcap, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
         meta, warps, stages = fixed_config(KP, cols, n)
         grid = (triton.cdiv(n, meta["BM"]) * S,)
@@ -234,7 +277,7 @@ def encode_threshold(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, t
     scale = dec_norm if dec_norm is not None else bias
     args = (a, W_enc, bias, scale, thr, out_idx, out_val, count, n, d_in, d_sae, cols, cap,
             a.stride(0), W_enc.stride(0))
-    flags = dict(HAS_SCALE=dec_norm is not None, UPCAST=upcast, PREC=prec)
+    flags = dict(HAS_SCALE=dec_norm is not None, OFF64=n * cap >= 2**31, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
         meta, warps, stages = fixed_config(1, cols, n)
         grid = (triton.cdiv(n, meta["BM"]) * S,)

@@ -18,6 +18,7 @@ import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
 EMPTY = -(1 << 63)
+EMPTY_KEY = tl.constexpr(EMPTY)  # the same, visible inside kernels
 _LOW = 0x7FFFFFFF
 
 
@@ -40,6 +41,12 @@ def _log2(n):
     return int(n).bit_length() - 1
 
 
+@constexpr_function
+def _axis_shape(nd, ax):
+    """Shape ``[1, .., 2, .., 1]`` of rank ``nd`` with the 2 on axis ``ax``."""
+    return [1] * ax + [2] + [1] * (nd - ax - 1)
+
+
 @triton.jit
 def merge_running_topk(best, keys, KP: tl.constexpr):
     """Merge a tile of keys ``[BM, BN]`` (powers of two, BN >= KP) into the running
@@ -60,40 +67,38 @@ def merge_running_topk(best, keys, KP: tl.constexpr):
     LOG_N: tl.constexpr = _log2(BN)
     ND: tl.constexpr = _log2(BM * BN)
     h = tl.reshape(keys, [2] * ND)
-    # 1) sort runs of KP; run r of size 2^s goes ascending when bit s of its position is 0
+    # (Axis numbers are written as expressions of constexprs: a plain local assignment would
+    # turn them into runtime values.)
+    # 1) sort runs of KP; the run holding position p goes descending when bit s of p is 1
     for s in tl.static_range(1, LOG_K + 1):
         if s < LOG_N:
-            desc = tl.reshape(tl.arange(0, 2), [1] * (ND - 1 - s) + [2] + [1] * s)
+            desc = tl.reshape(tl.arange(0, 2), _axis_shape(ND, ND - 1 - s))
         else:
             desc = tl.zeros([1] * ND, dtype=tl.int32)  # one run per row: ascending
         for i in tl.static_range(s):
-            ax: tl.constexpr = ND - s + i
-            side = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (ND - ax - 1))
-            lo = tl.reduce(h, ax, _min_of, keep_dims=True)
-            hi = tl.reduce(h, ax, _max_of, keep_dims=True)
+            side = tl.reshape(tl.arange(0, 2), _axis_shape(ND, ND - s + i))
+            lo = tl.reduce(h, ND - s + i, _min_of, keep_dims=True)
+            hi = tl.reduce(h, ND - s + i, _max_of, keep_dims=True)
             h = tl.where((side ^ desc) != 0, hi, lo)
-    # 2) halve: keep the larger of each pair of neighbouring runs, re-merge
+    # 2) halve: keep the larger of each pair of neighbouring runs, re-merge (rank ND - r + LOG_K)
     for r in tl.static_range(LOG_K + 1, LOG_N + 1):
-        nd: tl.constexpr = ND - (r - LOG_K)
-        h = tl.reduce(h, nd - LOG_K, _max_of)
+        h = tl.reduce(h, ND - r, _max_of)
         if r < LOG_N:
-            desc = tl.reshape(tl.arange(0, 2), [1] * (nd - 1 - LOG_K) + [2] + [1] * LOG_K)
+            desc = tl.reshape(tl.arange(0, 2), _axis_shape(ND - r + LOG_K, ND - r - 1))
         else:
-            desc = tl.zeros([1] * nd, dtype=tl.int32)
+            desc = tl.zeros([1] * (ND - r + LOG_K), dtype=tl.int32)
         for i in tl.static_range(LOG_K):
-            ax: tl.constexpr = nd - LOG_K + i
-            side = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (nd - ax - 1))
-            lo = tl.reduce(h, ax, _min_of, keep_dims=True)
-            hi = tl.reduce(h, ax, _max_of, keep_dims=True)
+            side = tl.reshape(tl.arange(0, 2), _axis_shape(ND - r + LOG_K, ND - r + i))
+            lo = tl.reduce(h, ND - r + i, _min_of, keep_dims=True)
+            hi = tl.reduce(h, ND - r + i, _max_of, keep_dims=True)
             h = tl.where((side ^ desc) != 0, hi, lo)
     # 3) merge into the running best, descending
     NB: tl.constexpr = _log2(BM * KP)
     c = tl.reshape(tl.maximum(best, tl.reshape(h, [BM, KP])), [2] * NB)
     for i in tl.static_range(LOG_K):
-        ax: tl.constexpr = NB - LOG_K + i
-        side = tl.reshape(tl.arange(0, 2), [1] * ax + [2] + [1] * (NB - ax - 1))
-        lo = tl.reduce(c, ax, _min_of, keep_dims=True)
-        hi = tl.reduce(c, ax, _max_of, keep_dims=True)
+        side = tl.reshape(tl.arange(0, 2), _axis_shape(NB, NB - LOG_K + i))
+        lo = tl.reduce(c, NB - LOG_K + i, _min_of, keep_dims=True)
+        hi = tl.reduce(c, NB - LOG_K + i, _max_of, keep_dims=True)
         c = tl.where(side != 0, lo, hi)
     return tl.reshape(c, [BM, KP])
 

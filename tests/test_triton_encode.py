@@ -204,3 +204,18 @@ def test_low_precision_within_twice_reference_error(dtype, activation, rescale):
         assert e_t[f] <= 2 * e_r[f] + 1e-3, (f, e_t, e_r)
     # the selection itself is right up to half-precision ties
     assert_matches_oracle(out, orc, sae, atol=0.1, rtol=0.05, set_tol=0.1)
+
+
+@pytest.mark.parametrize("k", [7, 64])
+def test_candidate_queue_and_per_tile_merge_agree(k):
+    """The filtered candidate-queue path (flushes, and tiles that alone fill a queue) and the
+    merge-every-tile path both give the exact top-k."""
+    d_in, d_sae = 8, 1500
+    W = torch.randn(d_in, d_sae, device=DEV)
+    bias = torch.randn(d_sae, device=DEV)
+    a = torch.randn(19, d_in, device=DEV)
+    want = (a.double() @ W.double() + bias.double()).topk(k)
+    for queue in (True, False):
+        acts, idx = encode_topk(a, W, bias, k, queue=queue)
+        assert torch.equal(torch.where(want.values > 0, want.indices, -1), idx)
+        torch.testing.assert_close(acts.double(), want.values.clamp(min=0), atol=1e-4, rtol=1e-4)
