@@ -164,6 +164,16 @@ def test_batch_with_padding_equals_single(arch, side):
         assert bool((attr.influence.scores[pad] == 0).all())
 
 
+def test_callable_objective_returning_a_scalar_sums_the_batch():
+    m, sae, tok = setup("gpt2")
+    sc = GradSAE(m, sae, hook="blocks.0.hook_resid_post", tokenizer=tok)
+    batch = sc.score(PROMPTS[:2], objective=lambda lg, ids, mask: lg[:, 0, 3].sum())
+    singles = [sc.score(t, objective=lambda lg, ids, mask: lg[:, 0, 3].sum()) for t in PROMPTS[:2]]
+    for b, s in zip(batch, singles):
+        assert_close(b.scores, s.scores, 1e-9)
+    assert batch[0].objective == batch[1].objective
+
+
 def test_float32_close_to_float64_recipe():
     m, sae, tok = setup("llama", dtype=torch.float32)
     sc = GradSAE(m, sae, hook="blocks.0.hook_resid_post", tokenizer=tok)

@@ -187,7 +187,10 @@ class GradSAE:
         z = lambda t: torch.where(keep, t, torch.zeros_like(t))
         inf = Influence(torch.where(keep, inf.indices, torch.full_like(inf.indices, -1)),
                         z(inf.acts), z(inf.grads), z(inf.scores), inf.d_sae)
-        return Attribution(inf, mask, logits.detach(), y.detach().reshape(-1), ids)
+        yv = y.detach().reshape(-1)
+        if yv.numel() == 1 and ids.shape[0] > 1:  # a callable objective returned one scalar
+            yv = yv.expand(ids.shape[0])
+        return Attribution(inf, mask, logits.detach(), yv, ids)
 
     def reduce(self, attr: Attribution, reduce: str = "mean", sign: str = "relu") -> ScoreResult:
         """Per-prompt scores from an :class:`Attribution`: ``sign`` in ``relu`` (the paper),
