@@ -190,3 +190,34 @@ def test_prompt_styles_and_sampling(qa):
     assert all(r in rows for r in s1)
     with pytest.raises(InputError, match="cannot sample"):
         ex.load_squad(d / "squad.json", sample=99)
+
+
+def test_cli_paper_perturbation_and_steering(qa, capsys):
+    from gradsae.model import perturbation, steering
+
+    m, tok, sae, d = qa
+    common = ["--model", str(d / "model"), "--sae", str(d / "sae"), "--max-new-tokens", "8", "--json"]
+    p0 = tm.QA_TEMPLATE.format(context=tm.QA[0][0], question=tm.QA[0][1])
+    p1 = tm.QA_TEMPLATE.format(context=tm.QA[1][0], question=tm.QA[1][1])
+    sc = GradSAE(m, sae, hook=HOOK, tokenizer=tok)
+    own = sc.score_at_trigger(p0, trigger="[", max_new_tokens=8).scores
+    don = sc.score_at_trigger(p1, trigger="[", max_new_tokens=8).scores
+
+    assert main(["ablate", "--model", str(d / "model"), "--sae", str(d / "sae"), "--prompt", p0,
+                 "--top", "50%", "--trigger", "[", "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    edit = perturbation(own, 0.5)
+    assert out["latents"] == edit["zero"]
+    with sc.intervene(**edit):
+        assert out["ablated"] == sc.generate(p0, max_new_tokens=8).text
+
+    assert main(["steer", *common, "--prompt", p0, "--donor", p1, "--k", "3", "--trigger", "["]) == 0
+    out = json.loads(capsys.readouterr().out)
+    edit = steering(own, don, 3)
+    assert out["zero"] == edit["zero"] and out["positions"] == "last"
+    # the CLI's model is loaded from disk (its attention kernel may differ): values to float32 precision
+    got = {int(k): v for k, v in out["set"].items()}
+    assert list(got) == list(edit["set"])
+    assert all(abs(got[j] - v) <= 1e-5 * max(1.0, abs(v)) for j, v in edit["set"].items())
+    with sc.intervene(**edit):
+        assert out["steered"] == sc.generate(p0, max_new_tokens=8).text
