@@ -229,6 +229,10 @@ def test_bad_inputs():
         GradSAE(m, sae, hook="blocks.0.hook_resid_post").score("the king")
     with pytest.raises(InputError, match="position"):
         sc.score("the king", position=5)
+    with pytest.raises(InputError, match="different lengths"):
+        sc.score([[5, 6, 7], [5, 6]])
+    with pytest.raises(InputError, match="no real tokens"):
+        sc.score(torch.tensor([[5, 6], [7, 8]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
     with pytest.raises(InputError, match="mode"):
         GradSAE(m, sae, hook="blocks.0.hook_resid_post", mode="replace")
 

@@ -116,7 +116,13 @@ class GradSAE:
             attention_mask = batch.get("attention_mask", attention_mask)
             batch = batch["input_ids"]
         if isinstance(batch, (list, tuple)):
-            batch = torch.as_tensor(batch, dtype=torch.long)
+            try:
+                batch = torch.as_tensor(batch, dtype=torch.long)
+            except (ValueError, TypeError) as e:
+                raise InputError(
+                    "token id lists of different lengths: pad them and pass an attention_mask "
+                    f"(or pass texts with a tokenizer) ({e})"
+                ) from e
         if not isinstance(batch, torch.Tensor) or batch.dtype not in (torch.long, torch.int32, torch.int64):
             raise InputError("input must be text, a list of texts, or integer token ids")
         ids = batch.long()
