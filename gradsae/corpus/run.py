@@ -204,12 +204,18 @@ def score_corpus(
     corpus = open_corpus(data, format=format, field=field, split=split, encoding_errors=encoding_errors)
     ctx = D.context_from_env(device)
     try:
-        return _run(model, sae, corpus, ctx, t_start, locals())
+        opts = dict(hook=hook, objective=objective, mode=mode, tokenizer=tokenizer, out=out, max_length=max_length,
+                    long=long, batch_tokens=batch_tokens, top_n=top_n, context=context, autocast=autocast,
+                    device=device, checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
+                    resume=resume, overwrite=overwrite, progress=progress, backend=backend,
+                    deterministic=deterministic, objective_kwargs=objective_kwargs)
+        return _run(model, sae, corpus, ctx, t_start, opts)
     finally:
         ctx.close()
 
 
 def _run(model, sae, corpus, ctx: D.DistContext, t_start: float, a: dict) -> CorpusResult:
+    """The body of :func:`score_corpus` (``a``: its keyword arguments)."""
     from ..model import GradSAE
 
     device = a["device"]
