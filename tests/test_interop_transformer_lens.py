@@ -83,6 +83,52 @@ def test_hooked_transformer_scores_equal_hf_scores(models, hook, padding, mode):
         assert torch.equal(ra.active_last, rb.active_last)
 
 
+def neox_twin(hf):
+    """The rotary HookedTransformer computing what GPT-NeoX ``hf`` does (TransformerLens'
+    own converter)."""
+    from transformer_lens.pretrained.weight_conversions.neox import convert_neox_weights
+
+    c = hf.config
+    d_head = c.hidden_size // c.num_attention_heads
+    rotary = (getattr(c, "rope_parameters", None) or {}).get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    cfg = HookedTransformerConfig(
+        d_model=c.hidden_size, d_head=d_head, n_heads=c.num_attention_heads, d_mlp=c.intermediate_size,
+        n_layers=c.num_hidden_layers, n_ctx=c.max_position_embeddings, eps=c.layer_norm_eps, d_vocab=c.vocab_size,
+        act_fn=c.hidden_act, parallel_attn_mlp=c.use_parallel_residual, positional_embedding_type="rotary",
+        rotary_adjacent_pairs=False, rotary_dim=round(rotary * d_head), normalization_type="LN",
+        default_prepend_bos=False, dtype=hf.dtype,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ht = HookedTransformer(cfg)
+        ht.load_and_process_state_dict(convert_neox_weights(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False)
+    return ht.eval()
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_rotary_hooked_transformer_scores_equal_hf(padding):
+    """Rotary positions of padded rows: TransformerLens counts them from the attention mask,
+    gradsae passes position ids counted the same way to the transformers model (float32: the
+    HF GPT-NeoX gives NaN for left-padded rows in float64)."""
+    hf = tm.model("gpt_neox", d=D, layers=LAYERS, scale=3.0, seed=int(torch.randint(0, 10**6, ())))
+    ht = neox_twin(hf)
+    ids = rand_ids(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ht(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[2, 5:] = 0
+    sae = random_sae(D, 96, "topk", k=6)
+    a = gradsae.GradSAE(hf, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
+    b = gradsae.GradSAE(ht, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
+    for ra, rb in zip(a, b):
+        assert float(ra.scores.abs().max()) > 0
+        torch.testing.assert_close(rb.scores, ra.scores, atol=1e-4 * float(ra.scores.abs().max()), rtol=1e-3)
+
+
 def test_hooked_transformer_loss_attribution_equals_hf(models):
     hf, ht = models
     ids = rand_ids(2, 7)
