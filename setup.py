@@ -68,7 +68,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout", "datasets"],
         "report": ["pandas", "pyarrow", "matplotlib"],
         "data": ["datasets"],
         # Libraries whose SAEs / models gradsae accepts as live objects (SAE.from_object,
