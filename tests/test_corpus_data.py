@@ -88,7 +88,7 @@ def test_parquet_reader(tmp_path, docs):
 
 
 def test_datasets_directory(tmp_path, docs):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     ds = datasets.Dataset.from_dict({"content": docs})
     ds.save_to_disk(str(tmp_path / "ds"))
     c = open_corpus(tmp_path / "ds", field="content")
