@@ -118,8 +118,8 @@ def test_sparsify_save_to_disk_loads_as_from_object(tmp_path, cfg):
 
 
 # -------------------------------------------------------------------------- dictionary_learning
-DL_CASES = ["AutoEncoder", "AutoEncoderNew", "JumpReluAutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
-            "MatryoshkaBatchTopKSAE"]
+DL_CASES = ["AutoEncoder", "AutoEncoderNew", "GatedAutoEncoder", "JumpReluAutoEncoder", "AutoEncoderTopK",
+            "BatchTopKSAE", "MatryoshkaBatchTopKSAE"]
 
 
 @pytest.mark.parametrize("dict_class", DL_CASES)
@@ -128,7 +128,7 @@ def test_dictionary_learning_checkpoint_loads_as_its_own_loader_gives(tmp_path, 
         "dictionary_learning",
         reason="dictionary-learning is not installed (left out of the compat extra: its nnsight pin pulls a "
         "torchvision build that breaks transformers on CPU torch)")
-    from dictionary_learning import AutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.dictionary import AutoEncoderNew
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
     from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE
@@ -138,6 +138,7 @@ def test_dictionary_learning_checkpoint_loads_as_its_own_loader_gives(tmp_path, 
     k = 5
     ae = {
         "AutoEncoder": lambda: AutoEncoder(D_IN, D_SAE), "AutoEncoderNew": lambda: AutoEncoderNew(D_IN, D_SAE),
+        "GatedAutoEncoder": lambda: GatedAutoEncoder(D_IN, D_SAE),
         "JumpReluAutoEncoder": lambda: JumpReluAutoEncoder(D_IN, D_SAE),
         "AutoEncoderTopK": lambda: AutoEncoderTopK(D_IN, D_SAE, k), "BatchTopKSAE": lambda: BatchTopKSAE(D_IN, D_SAE, k),
         "MatryoshkaBatchTopKSAE": lambda: MatryoshkaBatchTopKSAE(D_IN, D_SAE, k, [16, 32]),
@@ -161,3 +162,25 @@ def test_dictionary_learning_checkpoint_loads_as_its_own_loader_gives(tmp_path, 
     # AutoEncoder.from_pretrained normalises the decoder (in float32), so allow its rounding
     assert_same_sae(loaded, gradsae.SAE.from_object(own), atol=1e-6, rtol=1e-5)
     assert loaded.meta.model_name == "tiny" and loaded.meta.hook_layer == 3
+
+
+def test_gated_dictionary_learning_checkpoint_without_the_library(tmp_path):
+    """The gated ae.pt layout, written by hand, loads to the gated maths written out here
+    (runs where dictionary_learning is absent)."""
+    F, D = D_SAE, D_IN
+    state = {"encoder.weight": torch.randn(F, D, dtype=torch.float64), "gate_bias": torch.randn(F, dtype=torch.float64),
+             "r_mag": 0.3 * torch.randn(F, dtype=torch.float64), "mag_bias": torch.randn(F, dtype=torch.float64),
+             "decoder.weight": torch.randn(D, F, dtype=torch.float64), "decoder_bias": torch.randn(D, dtype=torch.float64)}
+    out = tmp_path / "trainer_0"
+    out.mkdir()
+    torch.save(state, out / "ae.pt")
+    (out / "config.json").write_text(json.dumps({"trainer": {"dict_class": "GatedAutoEncoder", "activation_dim": D,
+                                                             "dict_size": F, "layer": 1}}))
+    sae = gradsae.load_sae(out)
+    x = torch.randn(11, D, dtype=torch.float64)
+    x_enc = (x - state["decoder_bias"]) @ state["encoder.weight"].T
+    gate = x_enc + state["gate_bias"] > 0
+    z = gate * torch.relu(state["r_mag"].exp() * x_enc + state["mag_bias"])
+    assert 0 < int((z > 0).sum()) < z.numel()
+    torch.testing.assert_close(sae.encode(x), z, atol=1e-10, rtol=0)
+    torch.testing.assert_close(sae.decode(z), z @ state["decoder.weight"].T + state["decoder_bias"], atol=1e-10, rtol=0)

@@ -330,9 +330,9 @@ def test_dictionary_learning_k_disagreement(tmp_path):
 def test_dictionary_learning_unsupported_class(tmp_path):
     sf.write_dictionary_learning(tmp_path / "t", "AutoEncoder", D_IN, D_SAE)
     cfg = json.loads((tmp_path / "t" / "config.json").read_text())
-    cfg["trainer"]["dict_class"] = "GatedAutoEncoder"
+    cfg["trainer"]["dict_class"] = "IdentityDict"
     (tmp_path / "t" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SAEFormatError, match="GatedAutoEncoder") as e:
+    with pytest.raises(SAEFormatError, match="IdentityDict") as e:
         load_sae(tmp_path / "t")
     assert "config.json" in str(e.value)
 

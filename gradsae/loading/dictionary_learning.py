@@ -22,6 +22,9 @@ unpickling is refused. Dictionaries, by ``dict_class``:
   ``threshold``, ``group_sizes``; evaluated like ``BatchTopKSAE`` with all groups active.
 - ``JumpReluAutoEncoder``: ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec``, ``threshold [F]``;
   ``relu(pre * (pre > threshold))`` without subtracting ``b_dec`` (the class's default).
+- ``GatedAutoEncoder``: ``encoder.weight [F, D]`` (no bias), ``gate_bias``, ``r_mag``,
+  ``mag_bias``, ``decoder.weight``, ``decoder_bias``; evaluated in its exact JumpReLU form
+  (:func:`gradsae.loading.objects.gated_as_jumprelu`).
 
 Metadata: ``lm_name`` -> ``model_name``, ``layer`` -> ``hook_layer``, ``submodule_name`` ->
 ``hook_name``; the whole config is kept in ``metadata["config"]``.
@@ -41,7 +44,7 @@ WEIGHTS_FILENAME = "ae.pt"
 CFG_FILENAME = "config.json"
 SUPPORTED = (
     "AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE",
-    "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder",
+    "MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder", "GatedAutoEncoder",
 )
 
 
@@ -127,6 +130,18 @@ def load_dictionary_learning(path: Path, device: Any = "cpu", dtype: Any = None)
                     raise fail(weights_file, "missing tensor 'threshold' (BatchTopK inference threshold)")
                 threshold = float(thr)
                 kw.update(activation="jumprelu", apply_b_dec_to_input=True)
+    elif dict_class == "GatedAutoEncoder":
+        from .objects import gated_as_jumprelu
+
+        enc_w, dec_w = T("encoder.weight"), T("decoder.weight")
+        if enc_w.dim() != 2:
+            raise fail(weights_file, f"tensor 'encoder.weight' has shape {list(enc_w.shape)}, expected [dict_size, activation_dim]")
+        F, D = enc_w.shape
+        if tuple(dec_w.shape) != (D, F):
+            raise fail(weights_file, f"tensor 'decoder.weight' has shape {list(dec_w.shape)}, expected [{D}, {F}] (from encoder.weight)")
+        W_enc, b_enc, threshold = gated_as_jumprelu(enc_w.T, T("gate_bias"), T("r_mag"), T("mag_bias"))
+        W_dec, b_dec = dec_w.T, T("decoder_bias")
+        kw.update(activation="jumprelu", apply_b_dec_to_input=True)
     else:
         W_enc, b_enc, W_dec, b_dec = T("W_enc"), T("b_enc"), T("W_dec"), T("b_dec")
         if W_enc.dim() != 2:
