@@ -230,3 +230,14 @@ def test_score_corpus_on_hooked_transformer_equals_hf(models):
     torch.testing.assert_close(b.count, a.count, atol=0, rtol=0)
     for name in ("score_sum", "relu_sum", "abs_sum", "act_sum"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-12, rtol=1e-8)
+
+
+def test_spliced_generation_on_hooked_transformer_equals_hf(models):
+    hf, ht = models
+    sae = random_sae(D, 64, "topk", k=4, dtype=torch.float64)
+    tok = tm.tokenizer()
+    prompt = "the king of the north"
+    a = gradsae.GradSAE(hf, sae, hook="blocks.1.hook_resid_post", tokenizer=tok).generate(prompt, max_new_tokens=6)
+    b = gradsae.GradSAE(ht, sae, hook="blocks.1.hook_resid_post", tokenizer=tok).generate(prompt, max_new_tokens=6)
+    assert len(a.token_ids) > 0
+    assert a.token_ids.tolist() == b.token_ids.tolist() and a.text == b.text
