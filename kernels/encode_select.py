@@ -64,8 +64,8 @@ def _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm,
 @triton.jit
 def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER_SPLIT,
                         stride_xm, stride_wk, stride_pm,
-                        HAS_SCALE: tl.constexpr, KP: tl.constexpr, QCAP: tl.constexpr,
-                        UPCAST: tl.constexpr, PREC: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, KP: tl.constexpr, QUEUED: tl.constexpr,
+                        QSTRIDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BM)
@@ -75,46 +75,44 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER
     c_start = split * COLS_PER_SPLIT
     c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
     best = tl.full([BM, KP], EMPTY_KEY, dtype=tl.int64)
-    # Candidate queue (QCAP > 0): a tile's keys above the row's current k-th best are appended
-    # to a per-row queue in global scratch (L2); the bitonic merge runs only when a queue
-    # would overflow, instead of on every tile.
+    # Candidate queues (QUEUED): a tile's keys above the row's current k-th best are appended
+    # to the row's queue in global scratch (L2-resident). Before a tile is computed, a queue
+    # that could not take a whole tile more is merged into the running top-k, KP keys at a
+    # time; so the bitonic network runs rarely, never while a tile is live in registers.
     kth = tl.full([BM], EMPTY_KEY, dtype=tl.int64)
     qn = tl.zeros([BM], dtype=tl.int32)
-    qcols = tl.arange(0, QCAP if QCAP > 0 else 1)
-    q_row = QUEUE + (pid.to(tl.int64) * BM + tl.arange(0, BM))[:, None] * QCAP
+    q_base = QUEUE + pid.to(tl.int64) * (BM * QSTRIDE)
+    q_rows = tl.arange(0, BM)[:, None] * QSTRIDE
+    QC: tl.constexpr = KP if KP > 64 else 64  # queue keys merged per step
+    chunk = tl.arange(0, QC)[None, :]
     for c0 in range(c_start, c_end, BN):
+        if QUEUED:
+            if tl.max(qn, axis=0) > QSTRIDE - BN:
+                tl.debug_barrier()
+                for q0 in range(0, tl.max(qn, axis=0), QC):
+                    q = tl.load(q_base + q_rows + q0 + chunk, mask=(q0 + chunk) < qn[:, None], other=EMPTY_KEY)
+                    best = merge_running_topk(best, q, KP)
+                kth = tl.min(best, axis=1)
+                qn = tl.zeros([BM], dtype=tl.int32)
+                tl.debug_barrier()
         cols = c0 + tl.arange(0, BN)
         col_ok = cols < c_end
         v = _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
                          HAS_SCALE, BM, BN, BK, UPCAST, PREC)
         keys = tl.where(col_ok[None, :], pack_keys(v, cols), EMPTY_KEY)
-        if QCAP == 0:
-            best = merge_running_topk(best, keys, KP)
-        else:
+        if QUEUED:
             hit = keys > kth[:, None]
-            nh = tl.sum(hit.to(tl.int32), axis=1)
-            if tl.max(qn + nh, axis=0) > QCAP:
-                # flush: merge the queues into the running top-k, raise the bar, re-filter
-                tl.debug_barrier()
-                q = tl.load(q_row + qcols[None, :], mask=qcols[None, :] < qn[:, None], other=EMPTY_KEY)
-                best = merge_running_topk(best, q, KP)
-                kth = tl.min(best, axis=1)
-                qn = tl.zeros([BM], dtype=tl.int32)
-                hit = keys > kth[:, None]
-                nh = tl.sum(hit.to(tl.int32), axis=1)
-                if tl.max(nh, axis=0) > QCAP:  # a tile that alone fills a queue: merge it directly
-                    best = merge_running_topk(best, keys, KP)
-                    kth = tl.min(best, axis=1)
-                    hit = keys < EMPTY_KEY
-                    nh = tl.zeros([BM], dtype=tl.int32)
-                tl.debug_barrier()
-            pos = tl.cumsum(hit.to(tl.int32), axis=1) - 1 + qn[:, None]
-            tl.store(q_row + pos, keys, mask=hit)
-            qn = qn + nh
-    if QCAP > 0:
+            hit_i = hit.to(tl.int32)
+            pos = tl.cumsum(hit_i, axis=1) - 1 + qn[:, None]
+            tl.store(q_base + q_rows + pos, keys, mask=hit)
+            qn = qn + tl.sum(hit_i, axis=1)
+        else:
+            best = merge_running_topk(best, keys, KP)
+    if QUEUED:
         tl.debug_barrier()
-        q = tl.load(q_row + qcols[None, :], mask=qcols[None, :] < qn[:, None], other=EMPTY_KEY)
-        best = merge_running_topk(best, q, KP)
+        for q0 in range(0, tl.max(qn, axis=0), QC):
+            q = tl.load(q_base + q_rows + q0 + chunk, mask=(q0 + chunk) < qn[:, None], other=EMPTY_KEY)
+            best = merge_running_topk(best, q, KP)
     out = PART + rows.to(tl.int64)[:, None] * stride_pm + split * KP + tl.arange(0, KP)[None, :]
     tl.store(out, best, mask=row_ok[:, None])
 
@@ -152,7 +150,7 @@ def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N,
 
 _topk_tuned = triton.autotune(
     configs=encode_configs(),
-    key=["D_IN", "D_SAE", "KP", "QCAP", "HAS_SCALE", "UPCAST", "PREC"],
+    key=["D_IN", "D_SAE", "KP", "QUEUED", "HAS_SCALE", "UPCAST", "PREC"],
     prune_configs_by={"early_config_prune": prune_encode_configs},
 )(_encode_topk_kernel)
 
@@ -209,8 +207,8 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
         deterministic: a fixed tile configuration instead of the autotuned one (the values
             then never depend on which configuration won a tuning run).
         queue: filter each tile against the running k-th best into a per-row candidate
-            queue and merge only when it fills (default: when d_sae is large enough for the
-            filter to pay); False merges every tile. The result is the same either way.
+            queue and merge only when it fills (default on a GPU when d_sae is large enough
+            for the filter to pay); False merges every tile. The result is the same either way.
 
     Returns:
         ``(acts float32, indices int64)``, ``[N, min(k, d_sae)]``, descending by value; empty
@@ -227,15 +225,20 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     W_enc = W_enc if W_enc.stride(1) == 1 else W_enc.contiguous()
     S, cols = plan_splits(n, d_sae, n_splits)
     part = torch.empty((n, S, KP), dtype=torch.int64, device=a.device)
-    if queue is None:
-        queue = d_sae > 4 * max(KP, 64)
-    qcap = 2 * max(KP, 64) if queue else 0
-    # one queue row per (program, tile row): at most (n + BM - 1) * S rows for any BM <= 256
-    scratch = torch.empty(((n + 256) * S, qcap) if qcap else (1,), dtype=torch.int64, device=a.device)
+    if queue is None:  # (the interpreter's wide tiles make queues slow to simulate)
+        queue = d_sae > 4 * max(KP, 64) and not interpreting()
+    # queue row length: room for a whole tile above the flush mark (the widest tile any
+    # configuration may use); one queue row per (program, tile row), at most (n + BM - 1) * S
+    max_bn = max(c.kwargs["BN"] for c in encode_configs()) if not interpreting() else None
+    if max_bn is None:
+        max_bn = fixed_config(KP, cols, n)[0]["BN"]
+    max_bn = max(max_bn, KP)
+    qstride = 2 * max_bn + max(KP, 64) if queue else 1
+    scratch = torch.empty((n + 256) * S * qstride if queue else 1, dtype=torch.int64, device=a.device)
     upcast, prec = _precision(a.dtype)
     scale = dec_norm if dec_norm is not None else bias
     args = (a, W_enc, bias, scale, part, scratch, n, d_in, d_sae, cols, a.stride(0), W_enc.stride(0), S * KP)
-    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QCAP=qcap, UPCAST=upcast, PREC=prec)
+    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QUEUED=bool(queue), QSTRIDE=qstride, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
         meta, warps, stages = fixed_config(KP, cols, n)
         grid = (triton.cdiv(n, meta["BM"]) * S,)
