@@ -241,3 +241,29 @@ def test_spliced_generation_on_hooked_transformer_equals_hf(models):
     b = gradsae.GradSAE(ht, sae, hook="blocks.1.hook_resid_post", tokenizer=tok).generate(prompt, max_new_tokens=6)
     assert len(a.token_ids) > 0
     assert a.token_ids.tolist() == b.token_ids.tolist() and a.text == b.text
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_transformer_bridge_scores_equal_hf(tmp_path, monkeypatch, padding):
+    """TransformerLens 3's TransformerBridge (booted offline from a local tiny GPT-2) is taken
+    like a HookedTransformer and gives the transformers model's scores."""
+    bridge_mod = pytest.importorskip("transformer_lens.model_bridge", reason="this transformer-lens has no TransformerBridge")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf = tm.model("gpt2", d=D, layers=LAYERS, scale=3.0, seed=int(torch.randint(0, 10**6, ())))
+    hf.save_pretrained(tmp_path / "m")
+    tm.tokenizer().save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = bridge_mod.TransformerBridge.boot_transformers(str(tmp_path / "m"), device="cpu")
+    ids = rand_ids(3, 8)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[2, 5:] = 0
+    sae = random_sae(D, 96, "topk", k=6)
+    a = gradsae.GradSAE(hf, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
+    b = gradsae.GradSAE(bridge, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
+    for ra, rb in zip(a, b):
+        assert float(ra.scores.abs().max()) > 0
+        torch.testing.assert_close(rb.scores, ra.scores, atol=1e-4 * float(ra.scores.abs().max()), rtol=1e-3)

@@ -8,7 +8,8 @@ HookedTransformer the transformers call convention (``input_ids=``, ``attention_
 output with ``.logits``) and resolves hook names on the wrapped model, so everything built on
 that convention (scoring, corpus runs, generation without a KV cache, interventions) works
 unchanged. :func:`adapt_model` wraps a HookedTransformer (or a subclass such as SAELens'
-``HookedSAETransformer``) and returns any other model as it is.
+``HookedSAETransformer``) or a TransformerLens 3 ``TransformerBridge`` (same hook names and
+call) and returns any other model as it is.
 
 Positions: TransformerLens derives each row's positions from the attention mask (counted from
 its first real token), which is the convention GradSAE uses for padded batches.
@@ -24,11 +25,14 @@ import torch
 from ..errors import InputError
 
 
+_TL_MODELS = ("HookedTransformer", "TransformerBridge")
+
+
 def is_hooked_transformer(model) -> bool:
-    """True for a TransformerLens ``HookedTransformer`` or a subclass of it (detected by
-    class, without importing transformer_lens)."""
+    """True for a TransformerLens ``HookedTransformer`` or ``TransformerBridge`` (or a subclass
+    of either), detected by class without importing transformer_lens."""
     return any(
-        c.__name__ == "HookedTransformer" and (c.__module__ or "").startswith("transformer_lens")
+        c.__name__ in _TL_MODELS and (c.__module__ or "").startswith("transformer_lens")
         for c in type(model).__mro__
     )
 
