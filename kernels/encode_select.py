@@ -227,13 +227,13 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     part = torch.empty((n, S, KP), dtype=torch.int64, device=a.device)
     if queue is None:  # (the interpreter's wide tiles make queues slow to simulate)
         queue = d_sae > 4 * max(KP, 64) and not interpreting()
-    # queue row length: room for a whole tile above the flush mark (the widest tile any
-    # configuration may use); one queue row per (program, tile row), at most (n + BM - 1) * S
+    # queue row length: a whole tile (the widest any configuration may use) fits above the
+    # flush mark; one queue row per (program, tile row), at most (n + BM - 1) * S of them
     max_bn = max(c.kwargs["BN"] for c in encode_configs()) if not interpreting() else None
     if max_bn is None:
         max_bn = fixed_config(KP, cols, n)[0]["BN"]
     max_bn = max(max_bn, KP)
-    qstride = 2 * max_bn + max(KP, 64) if queue else 1
+    qstride = max_bn + max(KP, 64) if queue else 1
     scratch = torch.empty((n + 256) * S * qstride if queue else 1, dtype=torch.int64, device=a.device)
     upcast, prec = _precision(a.dtype)
     scale = dec_norm if dec_norm is not None else bias
