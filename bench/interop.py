@@ -14,10 +14,10 @@ the argmax next token at the last position, score = mean over positions of relu(
 - ``gradsae``: ``gradsae.GradSAE(model, sae).score(tokens)``.
 - ``model``: the floor both share: the same forward and backward down to the hook, no SAE.
 
-Each variant runs in a fresh subprocess; peak memory is the peak resident set during its first
-run above the resident set just before it (CPU, peak counter reset through
-/proc/self/clear_refs), or torch.cuda.max_memory_allocated above the allocation before it
-(GPU). Time is the median of ``--repeat`` runs after that first one. Results are printed and the
+Each variant runs in a fresh subprocess and is first warmed up on 1 x 4 tokens (lazy imports,
+no large allocation); peak memory is the peak resident set during its first full-size run
+above the resident set just before it (CPU, peak counter reset through /proc/self/clear_refs),
+or torch.cuda.max_memory_allocated above the allocation before it (GPU). Time is the median of ``--repeat`` runs after that first one. Results are printed and the
 dense and gradsae scores are checked against each other.
 """
 
@@ -32,7 +32,6 @@ import time
 import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 HOOK_LAYER = 2
 
 
@@ -110,19 +109,19 @@ def gradsae_scores(model, sae, tokens, backend="auto"):
 def _child(args) -> dict:
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from run import _rss_kib
+    from gradsae.benchmark import _reset_peak_rss, _rss_kib
 
     model, sae, tokens = build(args)
     fn = {"dense": dense_scores, "gradsae": gradsae_scores, "model": model_only}[args.variant]
     cuda = args.device.startswith("cuda")
+    # warm up on 1 x 4 tokens: lazy imports and backend registration, no large allocation
+    fn(model, sae, tokens[:1, :4])
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:   # reset the peak resident set (VmHWM)
-            f.write("5")
+        _reset_peak_rss()
         base = _rss_kib("VmRSS") * 1024
     scores = fn(model, sae, tokens)
     if cuda:
@@ -166,8 +165,7 @@ def main() -> int:
 
     import torch
 
-    sys.path.insert(0, str(HERE))
-    from run import device_name
+    from gradsae.benchmark import device_name
 
     rows, scores = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
