@@ -49,13 +49,20 @@ def _feed(ex, batch):
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_matches_brute_force(ties):
+@pytest.mark.parametrize("rows_in_corpus_order", [False, True])
+def test_matches_brute_force(ties, rows_in_corpus_order):
+    # rows in corpus order (as make_batches builds them) take the one-sort path; rows in any
+    # order the general (latent, score, doc, pos) sort
     d_sae, n, c = 24, 3, 2
     batches = []
     for i in range(5):
         inf, mask, ids = _random_batch(3, 6, 4, d_sae, ties)
-        docs = torch.tensor([3 * i + b for b in range(3)])
-        offs = torch.randint(0, 20, (3,))
+        if rows_in_corpus_order:  # two windows of one document, then the next document
+            docs = torch.tensor([2 * i, 2 * i, 2 * i + 1])
+            offs = torch.tensor([0, 6, 0])
+        else:
+            docs = torch.tensor([3 * i + 2, 3 * i, 3 * i + 1])
+            offs = torch.randint(0, 20, (3,))
         batches.append((inf, mask, ids, docs, offs))
     ex = TopExamples(d_sae, n, c)
     for b in batches:

@@ -22,6 +22,18 @@ from ..errors import InputError
 FIELDS = ("score", "act", "doc", "pos", "ctx")
 
 
+_DOC_STRIDE = 1 << 31  # (doc, pos) -> doc * 2^31 + pos: documents < 2^32, positions < 2^31
+
+
+def _packed_key(j: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordering by latent ascending, then score descending, for float32-exact
+    scores: the float32 bits of -score mapped to an order-preserving unsigned 32-bit value."""
+    ns = (-s).to(torch.float32) + 0.0  # + 0.0: -0.0 becomes 0.0, as equal as they compare
+    bits = ns.view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)  # monotone in ns, 0..2^32-1
+    return j.to(torch.int64) * (1 << 32) + ordered
+
+
 def _lexsort(keys: list[torch.Tensor]) -> torch.Tensor:
     """Permutation sorting by ``keys[0]``, ties by ``keys[1]``, ... (all ascending)."""
     order = torch.arange(keys[0].numel(), device=keys[0].device)
@@ -87,53 +99,72 @@ class TopExamples:
         ids = torch.nn.functional.pad(ids, (c, c), value=-1).to(torch.int32)
         win = t.unsqueeze(1) + torch.arange(2 * c + 1, device=dev)
         ctx = ids[b.unsqueeze(1), win]
-        self._offer(j, s, a, doc_ids.to(dev)[b], offsets.to(dev)[b] + t, ctx)
+        # Rows of a batch from make_batches run forward through the corpus, so the candidates,
+        # in (row, position) order, are already sorted by (doc, pos): one sort by (latent,
+        # score) then gives the full order. Checked, not assumed.
+        docs, offs = doc_ids.to(dev), offsets.to(dev)
+        start = docs * _DOC_STRIDE + offs
+        in_order = bool((start[1:] >= start[:-1] + mask.shape[1]).all()) if len(start) > 1 else True
+        exact32 = inf.scores.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        self._offer(j, s, a, docs[b], offs[b] + t, ctx, dp_sorted=in_order and exact32)
         return self
 
-    def _offer(self, j, s, a, d, p, ctx) -> None:
+    def _offer(self, j, s, a, d, p, ctx, dp_sorted: bool = False) -> None:
         """Merge candidates (latent j, score s, act a, doc d, pos p, context) into the table.
 
         Candidates are grouped by latent and cut to their best ``n`` (one sort of the
         candidates only); each touched latent's row is then merged with its ``n`` kept
-        entries by sorting ``[rows, 2n]`` along the last dimension."""
+        entries by sorting ``[rows, 2n]`` along the last dimension. ``dp_sorted``: the
+        candidates come in (doc, pos) order and their scores are float32 values, so one
+        stable sort by a packed (latent, score) key orders them."""
         if j.numel() == 0:
             return
         n, dev = self.n, self.device
-        # (doc, pos) as one int64 tie-break key: documents < 2^32, positions < 2^31
-        dp = d * (1 << 31) + p
-        order = _lexsort([j, -s, dp])
-        j, s, a, dp, d, p, ctx = j[order], s[order], a[order], dp[order], d[order], p[order], ctx[order]
-        U, counts = torch.unique_consecutive(j, return_counts=True)
+        dp = d * _DOC_STRIDE + p  # (doc, pos) as one int64 tie-break key
+        if dp_sorted:
+            order = _packed_key(j, s).argsort(stable=True)
+        else:
+            order = _lexsort([j, -s, dp])
+        js = j[order]
+        U, counts = torch.unique_consecutive(js, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
         group = torch.arange(len(U), device=dev).repeat_interleave(counts)
-        rank = torch.arange(j.numel(), device=dev) - starts.repeat_interleave(counts)
+        rank = torch.arange(js.numel(), device=dev) - starts.repeat_interleave(counts)
         keep = rank < n
         g, r = group[keep], rank[keep]
+        sel = order[keep]  # the kept candidates, in table order
+        s, a, dp, d, p, ctx = s[sel], a[sel], dp[sel], d[sel], p[sel], ctx[sel]
         # [U, 2n] rows: the kept entries, then the candidates; empty slots sort last
         R = len(U)
-        big = torch.iinfo(torch.int64).max
         sc = torch.cat([self.score[U], torch.full((R, n), float("-inf"), dtype=torch.float64, device=dev)], 1)
-        key = torch.cat([torch.where(self.doc[U] >= 0, self.doc[U] * (1 << 31) + self.pos[U],
-                                     torch.full_like(self.pos[U], big)),
-                         torch.full((R, n), big, dtype=torch.int64, device=dev)], 1)
         src = torch.cat([torch.arange(R * n, device=dev).reshape(R, n), torch.full((R, n), -1, device=dev)], 1)
-        m = keep.nonzero(as_tuple=True)[0]
-        sc[g, n + r] = s[m]
-        key[g, n + r] = dp[m]
-        src[g, n + r] = R * n + torch.arange(m.numel(), device=dev)
-        o = key.argsort(dim=1, stable=True)
-        sc, key, src = sc.gather(1, o), key.gather(1, o), src.gather(1, o)
-        o = (-sc).argsort(dim=1, stable=True)[:, :n]
+        sc[g, n + r] = s
+        src[g, n + r] = R * n + torch.arange(s.numel(), device=dev)
+        o = (-sc).argsort(dim=1, stable=True)
+        top = sc.gather(1, o)
+        if bool(((top[:, 1:] == top[:, :-1]) & torch.isfinite(top[:, 1:])).any()):
+            # equal scores in a row: order by (doc, pos) first, then (stably) by score
+            big = torch.iinfo(torch.int64).max
+            key = torch.cat([torch.where(self.doc[U] >= 0, self.doc[U] * _DOC_STRIDE + self.pos[U],
+                                         torch.full_like(self.pos[U], big)),
+                             torch.full((R, n), big, dtype=torch.int64, device=dev)], 1)
+            key[g, n + r] = dp
+            o = key.argsort(dim=1, stable=True)
+            o = o.gather(1, (-sc.gather(1, o)).argsort(dim=1, stable=True))
+        o = o[:, :n]
         sc, src = sc.gather(1, o), src.gather(1, o)
-        filled = torch.isfinite(sc)
-        src = torch.where(filled, src, torch.zeros_like(src))
-        pool = lambda old, new: torch.cat([old[U].reshape(R * n, *old.shape[2:]), new[m]])  # noqa: E731
-        self.score[U] = torch.where(filled, sc, torch.full_like(sc, float("-inf")))
-        self.act[U] = torch.where(filled, pool(self.act, a)[src], torch.zeros_like(sc))
-        self.doc[U] = torch.where(filled, pool(self.doc, d)[src], torch.full_like(src, -1))
-        self.pos[U] = torch.where(filled, pool(self.pos, p)[src], torch.full_like(src, -1))
-        cx = pool(self.ctx, ctx.to(torch.int32))[src]
-        self.ctx[U] = torch.where(filled.unsqueeze(-1), cx, torch.full_like(cx, -1))
+        # empty slots point at a sentinel entry appended to every pool
+        src = torch.where(torch.isfinite(sc), src, torch.full_like(src, R * n + s.numel()))
+
+        def pool(old, new, empty):
+            sentinel = torch.full((1, *old.shape[2:]), empty, dtype=old.dtype, device=dev)
+            return torch.cat([old[U].reshape(R * n, *old.shape[2:]), new.to(old.dtype), sentinel])[src]
+
+        self.score[U] = pool(self.score, s, float("-inf"))
+        self.act[U] = pool(self.act, a, 0.0)
+        self.doc[U] = pool(self.doc, d, -1)
+        self.pos[U] = pool(self.pos, p, -1)
+        self.ctx[U] = pool(self.ctx, ctx, -1)
 
     def merge(self, other: "TopExamples") -> "TopExamples":
         """Fold ``other``'s examples into this table (in place); returns self."""
