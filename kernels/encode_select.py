@@ -37,18 +37,21 @@ MAX_K = 256
 
 
 @triton.jit
-def _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
+def _encode_tile(X, W, BIAS, SCALE, row0, c0, cols, col_ok, N, D_IN, D_SAE, stride_xm, stride_wk,
                  HAS_SCALE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """fp32 selection values of one [BM, BN] tile."""
+    """fp32 selection values of the [BM, BN] tile at (row0, c0), zero-padded at the edges."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
+    rows = row0 + tl.arange(0, BM)
+    row_ok = rows < N
+    w_ok = cols < D_SAE
     ks = tl.arange(0, BK)
     a_ptr = X + rows.to(tl.int64)[:, None] * stride_xm + ks[None, :]
     w_ptr = W + ks.to(tl.int64)[:, None] * stride_wk + cols[None, :]
     for k0 in range(0, D_IN, BK):
         k_ok = (k0 + ks) < D_IN
         a = tl.load(a_ptr, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        w = tl.load(w_ptr, mask=k_ok[:, None] & w_ok[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -65,12 +68,13 @@ def _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm,
 def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER_SPLIT,
                         stride_xm, stride_wk, stride_pm,
                         HAS_SCALE: tl.constexpr, KP: tl.constexpr, QUEUED: tl.constexpr,
-                        QSTRIDE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        QSTRIDE: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+                        PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BM)
     split = pid // row_blocks
-    rows = (pid % row_blocks) * BM + tl.arange(0, BM)
+    row0 = (pid % row_blocks) * BM
+    rows = row0 + tl.arange(0, BM)
     row_ok = rows < N
     c_start = split * COLS_PER_SPLIT
     c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
@@ -96,8 +100,10 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER
                 qn = tl.zeros([BM], dtype=tl.int32)
                 tl.debug_barrier()
         cols = c0 + tl.arange(0, BN)
-        col_ok = cols < c_end
-        v = _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
+        # ALIGNED: tiles never straddle a split boundary, so the bound is D_SAE (known
+        # divisibility); else the split's end
+        col_ok = cols < (D_SAE if ALIGNED else c_end)
+        v = _encode_tile(X, W, BIAS, SCALE, row0, c0, cols, col_ok, N, D_IN, D_SAE, stride_xm, stride_wk,
                          HAS_SCALE, BM, BN, BK, UPCAST, PREC)
         keys = tl.where(col_ok[None, :], pack_keys(v, cols), EMPTY_KEY)
         if QUEUED:
@@ -120,12 +126,14 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER
 @triton.jit
 def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N, D_IN, D_SAE,
                              COLS_PER_SPLIT, CAP, stride_xm, stride_wk,
-                             HAS_SCALE: tl.constexpr, OFF64: tl.constexpr, UPCAST: tl.constexpr,
-                             PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                             HAS_SCALE: tl.constexpr, OFF64: tl.constexpr, ALIGNED: tl.constexpr,
+                             UPCAST: tl.constexpr, PREC: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BM)
     split = pid // row_blocks
-    rows = (pid % row_blocks) * BM + tl.arange(0, BM)
+    row0 = (pid % row_blocks) * BM
+    rows = row0 + tl.arange(0, BM)
     row_ok = rows < N
     c_start = split * COLS_PER_SPLIT
     c_end = tl.minimum(c_start + COLS_PER_SPLIT, D_SAE)
@@ -133,8 +141,10 @@ def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N,
     row_base = (rows.to(tl.int64) if OFF64 else rows)[:, None] * CAP
     for c0 in range(c_start, c_end, BN):
         cols = c0 + tl.arange(0, BN)
-        col_ok = cols < c_end
-        v = _encode_tile(X, W, BIAS, SCALE, rows, row_ok, cols, col_ok, D_IN, stride_xm, stride_wk,
+        # ALIGNED: tiles never straddle a split boundary, so the bound is D_SAE (known
+        # divisibility); else the split's end
+        col_ok = cols < (D_SAE if ALIGNED else c_end)
+        v = _encode_tile(X, W, BIAS, SCALE, row0, c0, cols, col_ok, N, D_IN, D_SAE, stride_xm, stride_wk,
                          HAS_SCALE, BM, BN, BK, UPCAST, PREC)
         thr = tl.load(THR + cols, mask=col_ok, other=float("inf"))
         hit = (v > thr[None, :]) & col_ok[None, :] & row_ok[:, None]
@@ -241,11 +251,12 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QUEUED=bool(queue), QSTRIDE=qstride, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
         meta, warps, stages = fixed_config(KP, cols, n)
+        flags["ALIGNED"] = cols % meta["BN"] == 0
         grid = (triton.cdiv(n, meta["BM"]) * S,)
         _encode_topk_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
         grid = lambda m: (triton.cdiv(n, m["BM"]) * S,)  # noqa: E731
-        _topk_tuned[grid](*args, **flags)
+        _topk_tuned[grid](*args, **flags, ALIGNED=True)  # every tuned BN divides SPLIT_GRANULE
     return merge_partials(part, K)
 
 
@@ -283,11 +294,12 @@ def encode_threshold(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, t
     flags = dict(HAS_SCALE=dec_norm is not None, OFF64=n * cap >= 2**31, UPCAST=upcast, PREC=prec)
     if deterministic or interpreting():
         meta, warps, stages = fixed_config(1, cols, n)
+        flags["ALIGNED"] = cols % meta["BN"] == 0
         grid = (triton.cdiv(n, meta["BM"]) * S,)
         _encode_threshold_kernel[grid](*args, **flags, **meta, num_warps=warps, num_stages=stages)
     else:
         grid = lambda m: (triton.cdiv(n, m["BM"]) * S,)  # noqa: E731
-        _threshold_tuned[grid](*args, **flags)
+        _threshold_tuned[grid](*args, **flags, ALIGNED=True)
     # Slot order depends on which split reserved first: sort by latent index.
     idx_sorted, order = out_idx.sort(dim=1)
     vals = out_val.gather(1, order)

@@ -32,7 +32,9 @@ def _cfg(bm, bn, bk, stages, warps):
 
 
 # (BM, BN, BK, stages, warps). The top-k epilogue keeps a [BM, BN] and a [BM, KP] int64 key
-# block in registers, so the row tile stays moderate; BN >= KP is required (pruned below).
+# block in registers, so the row tile stays moderate and 8 warps are offered for the larger
+# tiles (ptxas reports register spills at 64x128 with 4 warps); BN >= KP is required (pruned
+# below), and every BN divides SPLIT_GRANULE.
 _HOPPER = [
     (64, 128, 64, 4, 4),
     (64, 128, 64, 3, 8),
@@ -42,6 +44,8 @@ _HOPPER = [
     (128, 256, 64, 3, 8),
     (32, 256, 64, 4, 4),
     (64, 64, 128, 4, 4),
+    (32, 128, 64, 4, 4),
+    (64, 64, 64, 4, 8),
 ]
 _AMPERE = [
     (64, 128, 32, 4, 4),
