@@ -65,12 +65,12 @@ def _gather_dot_kernel(W, IDX, D, ACT, ROW_SCALE, COL_SCALE, ROW_MASK, G_OUT, S_
 
 
 def _blocks(K: int, d_in: int) -> tuple[int, int, int]:
-    """(slots per program, d_in chunk, warps)."""
-    bs = min(64, next_pow2(max(K, 1)))
+    """(slots per program, d_in chunk, warps). On the GPU 16 slots x 256 columns per step keeps
+    the gathered tile at 32 values per thread (ptxas: ~128 registers, so several programs
+    share an SM and keep many row loads in flight); the interpreter prefers few programs."""
     if interpreting():
-        return bs, min(128, next_pow2(d_in)), 1
-    bd = min(256 if bs <= 16 else 128, next_pow2(d_in))
-    return bs, bd, 4
+        return min(64, next_pow2(max(K, 1))), min(128, next_pow2(d_in)), 1
+    return min(16, next_pow2(max(K, 1))), min(256, next_pow2(d_in)), 4
 
 
 def gather_dot(W_dec: torch.Tensor, idx: torch.Tensor, D: torch.Tensor,
