@@ -10,7 +10,7 @@ excluded):
 - ``triton`` / ``cuda``: ``gradsae.influence(x, grad, sae, backend=name)`` for each registered
   accelerated backend that can serve the input;
 - ``dense``: the anchor people write today (dense pre-activations, torch.topk, dense gradient
-  ``grad @ W_dec.T``, the product; bench/influence_cases.py);
+  ``grad @ W_dec.T``, the product; gradsae.benchmark.run_dense);
 - ``gemm``: the bare encode GEMM ``torch.matmul(x, W_enc)`` (cuBLAS), the unavoidable work.
 
 and reports time, throughput (tokens/s), the ratio of each backend's throughput to the
@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from influence_cases import make_inputs, run_dense  # noqa: E402
+import gradsae
+from gradsae.backends import Request, get_backend
+from gradsae.benchmark import make_inputs, run_dense
 
-import gradsae  # noqa: E402
-from gradsae.backends import Request, get_backend  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ACCELERATED = ("triton", "cuda")
