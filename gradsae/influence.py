@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends import Request, choose_backend
+from .backends import Request, choose_backend, choose_backend_with
 from .errors import InputError
 from .sae import SAE
 
@@ -229,10 +229,10 @@ def influence_at(
         if x is None:
             raise InputError(f"this SAE normalises its input ({sae.normalize_activations}); pass x")
         row_scale = sae.norm_state(x.reshape(-1, sae.d_in)).row_scale
-    req = Request(d2, d2, sae, K)
-    b = choose_backend(req, backend)
-    fn = getattr(b, "gather_dot", None)
-    if fn is None:
+    b = choose_backend_with(Request(d2, d2, sae, K), "gather_dot", backend)
+    if b is not None:
+        fn = b.gather_dot
+    else:
         from .backends.reference import gather_dot as fn
     g = fn(sae.W_dec, idx2, d2, row_scale, sae.col_scale()).reshape(indices.shape)
     acc = g.dtype

@@ -338,11 +338,23 @@ class SAE:
 
         return encode_sparse(x, self, k=k, backend=backend)
 
-    def decode_sparse(self, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        """Reconstruction from sparse latents (``indices`` -1 = empty), no dense latents."""
+    def decode_sparse(
+        self, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor | None = None, backend: str = "auto"
+    ) -> torch.Tensor:
+        """Reconstruction from sparse latents (``indices`` -1 = empty), no dense latents.
+
+        Runs on the first backend that serves these tensors and has a sparse decode kernel
+        (embedding-bag style), else in PyTorch; ``backend`` names one explicitly."""
+        from .backends import Request, choose_backend_with
+
         valid = indices >= 0
-        idx = indices.clamp(min=0)
         vals = values.to(self.dtype) * valid
+        K = indices.shape[-1]
+        probe = Request(vals.new_empty(0, self.d_in), None, self, K)
+        b = choose_backend_with(probe, "decode_sparse", backend) if indices.numel() else None
+        if b is not None:
+            return self.norm_state(x).apply(b.decode_sparse(self, indices, vals))
+        idx = indices.clamp(min=0)
         if self.rescale_acts_by_decoder_norm:
             vals = vals * self.col_scale().to(vals.dtype)[idx]
         flat_idx = idx.reshape(-1, idx.shape[-1])

@@ -123,3 +123,16 @@ def test_zero_rows_stay_finite(normalize):
     assert bool(torch.isfinite(sae(x)).all())
     out = gradsae.influence(x, torch.randn_like(x), sae)
     assert bool(torch.isfinite(out.scores).all())
+
+
+def test_decode_sparse_dispatches_to_a_kernel_when_asked():
+    """backend='triton' (interpreter on CPU) gives the PyTorch decode; a backend without a
+    sparse decode is refused by name."""
+    sae = random_sae(16, 70, "topk", k=5, rescale=True, normalize="layer_norm")
+    x = torch.randn(3, 4, 16)
+    idx, vals = sae.encode_sparse(x)
+    want = sae.decode_sparse(idx, vals, x)  # CPU auto: PyTorch path
+    got = sae.decode_sparse(idx, vals, x, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(gradsae.BackendError, match="has no decode_sparse"):
+        sae.decode_sparse(idx, vals, x, backend="reference")

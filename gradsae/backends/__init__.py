@@ -96,6 +96,23 @@ def choose_backend(req: Request, backend: str = "auto"):
     raise BackendError("no backend can serve this input:\n" + "\n".join(reasons))
 
 
+def choose_backend_with(req: Request, method: str, backend: str = "auto"):
+    """The backend that serves ``req`` and implements the optional ``method``, or None when
+    only backends without it could serve (the caller then runs the reference code). A named
+    backend that cannot serve, or lacks ``method``, raises :class:`BackendError`."""
+    _ensure_loaded()
+    if backend != "auto":
+        b = choose_backend(req, backend)
+        if not hasattr(b, method):
+            raise BackendError(f"backend {backend!r} has no {method}")
+        return b
+    for name in _PRIORITY:
+        b = _REGISTRY[name]
+        if hasattr(b, method) and b.unsupported(req) is None:
+            return b
+    return None
+
+
 def explain(req: Request) -> dict[str, str | None]:
     """For each registered backend, why it cannot serve ``req`` (None = it can)."""
     _ensure_loaded()
