@@ -17,14 +17,13 @@ and is exact for counts and max, and associative up to float64 rounding for sums
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .errors import InputError
+from .fsutil import atomic_write
 
 SUM_FIELDS = ("act_sum", "score_sum", "relu_sum", "abs_sum")
 FORMAT = "gradsae.LatentStats"
@@ -149,18 +148,9 @@ class LatentStats:
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.to_dict().items()}
         meta = {"format": FORMAT, "version": str(VERSION), "tokens": str(self.tokens), "d_sae": str(self.d_sae)}
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path, device: torch.device | str = "cpu") -> "LatentStats":

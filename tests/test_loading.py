@@ -708,3 +708,27 @@ def test_pt_training_backup_is_explained(tmp_path):
 def test_errors_are_value_errors():
     # SAEFormatError is part of the public API and catchable as ValueError
     assert issubclass(gradsae.SAEFormatError, ValueError)
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    """Atomic writes go through temporary files, which default to owner-only; the saved
+    directory and files must have the modes a normal mkdir/open gives under the umask."""
+    import os
+    import stat
+
+    from oracle import random_sae
+
+    import gradsae
+
+    old = os.umask(0o022)
+    try:
+        sae = random_sae(8, 16, "topk", k=2)
+        sae.save(tmp_path / "new")
+        sae.save(tmp_path / "new")  # into the existing directory: per-file replacement
+        stats = gradsae.LatentStats(16)
+        stats.save(tmp_path / "stats.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
+    for f in ["new/cfg.json", "new/sae_weights.safetensors", "stats.safetensors"]:
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f

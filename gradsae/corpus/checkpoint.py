@@ -12,53 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 
 from ..errors import InputError
+from ..fsutil import atomic_write, atomic_write_text  # noqa: F401  (re-exported for report.py)
 from ..stats import SUM_FIELDS, LatentStats
 from .examples import TopExamples
 
 FORMAT = "gradsae.corpus.checkpoint"
 VERSION = 1
-
-
-def atomic_write(path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, and rename it to
-    ``path`` (atomic on POSIX). Nothing is left behind if ``write`` fails."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file atomically (see :func:`atomic_write`)."""
-
-    def w(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    atomic_write(path, w)
 
 
 def checkpoint_path(out, rank: int, world_size: int) -> Path:

@@ -36,13 +36,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InputError, SAEFormatError
+from ..fsutil import atomic_write, atomic_write_text, make_temp_dir
 from ..sae import SAE
 from .readers import (
     build_sae,
@@ -303,7 +303,7 @@ def save_saelens(sae: SAE, path) -> None:
     parent.mkdir(parents=True, exist_ok=True)
 
     if not target.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+        tmp = make_temp_dir(parent, target.name)
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILENAME))
             (tmp / CFG_FILENAME).write_text(cfg_text, encoding="utf-8")
@@ -313,20 +313,5 @@ def save_saelens(sae: SAE, path) -> None:
             raise
         return
 
-    made: list[Path] = []
-    try:
-        fd, w_tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILENAME}.", suffix=".tmp", dir=target)
-        os.close(fd)
-        made.append(Path(w_tmp))
-        save_file(tensors, w_tmp)
-        fd, c_tmp = tempfile.mkstemp(prefix=f".{CFG_FILENAME}.", suffix=".tmp", dir=target)
-        made.append(Path(c_tmp))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(cfg_text)
-        os.replace(w_tmp, target / WEIGHTS_FILENAME)
-        os.replace(c_tmp, target / CFG_FILENAME)
-    except BaseException:
-        for p in made:
-            if p.exists():
-                p.unlink()
-        raise
+    atomic_write(target / WEIGHTS_FILENAME, lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(target / CFG_FILENAME, cfg_text)
