@@ -1,8 +1,8 @@
 """The demo: the paper's perturbation study on the bundled key-value lookup model.
 
-    res = run_demo(n_prompts=120, sae_kind="topk", out="demo_results.png")
+    res = run_demo(n_prompts=60, sae_kind="topk", out="demo_results.png")
 
-1. Fresh lookup prompts (``k3 = v7 , ... Q : k12 ->``) are drawn from the task generator with a
+1. Fresh lookup prompts (``k3:v7 , ... Q : k12 ->``) are drawn from the task generator with a
    fixed seed, different from the training seeds. The SAE is spliced into the model (the
    paper's setting) and the model writes ``Result = [[ v.. ]]`` greedily; only prompts it
    answers correctly are kept.
@@ -105,11 +105,12 @@ def build_scorer(sae_kind: str = "topk", root=None):
     return GradSAE(model, sae, hook=sae.hook_name, mode="splice", tokenizer=tok)
 
 
-def example_latents(scorer, trig, n_top: int = 5, seed: int = EVAL_SEED + 1, out=sys.stdout) -> dict:
+def example_latents(scorer, trig, n_top: int = 5, seed: int = EVAL_SEED + 1, out=None) -> dict:
     """Score one fresh prompt, print its Top latents by GradSAE and by activation, and what
     the answer becomes with each set masked. Returns what it printed, as a dict."""
     from ..experiments import extract_answer
 
+    out = sys.stdout if out is None else out
     ex = demo_examples(1, seed)[0]
     prompt = TEMPLATE.format(context=ex["context"], question=ex["question"])
     g = scorer.score_at_trigger(prompt, trigger=trig, max_new_tokens=MAX_NEW_TOKENS)
@@ -167,14 +168,15 @@ def plot(res: DemoResult, path) -> Path:
     return path
 
 
-def run_demo(n_prompts: int = 120, sae_kind: str = "topk", out="demo_results.png", ks=KS,
-             trigger: str = "answer", progress: bool = True, stream=sys.stdout, root=None) -> DemoResult:
+def run_demo(n_prompts: int = 60, sae_kind: str = "topk", out="demo_results.png", ks=KS,
+             trigger: str = "answer", progress: bool = True, stream=None, root=None) -> DemoResult:
     """Run the whole demo (see the module docstring), printing to ``stream``; raises
     :class:`DemoError` when the spliced model answers none of the prompts."""
     from ..experiments import run_experiments
 
     if n_prompts < 1:
         raise InputError(f"n_prompts must be >= 1, got {n_prompts}")
+    stream = sys.stdout if stream is None else stream
     try:
         import matplotlib  # noqa: F401  (checked first: the plot comes last)
     except ImportError as e:

@@ -1,14 +1,16 @@
 """The demo's synthetic task: key-value lookup answered in the paper's ``Result = [[ label ]]``
 format.
 
-An example lists a few ``key = value`` pairs and asks for the value of one key:
+An example lists a few ``key:value`` pairs and asks for the value of one key:
 
-    k3 = v7 , k12 = v2 , k5 = v9 . Q : k12 -> Result = [[ v2 ]] <eos>
+    k3:v7 , k12:v2 , k5:v9 . Q : k12 -> Result = [[ v2 ]] <eos>
 
-The answer is nowhere but in the prompt, so the model has to find the queried key in the
-context and copy the value that follows it. Keys and values are single tokens of a word-level
-vocabulary (one token per space-separated word), so a prompt cut after ``[[`` is answered by
-exactly one next token.
+The answer is nowhere but in the prompt, so the model has to find the pair of the queried key
+in the context and read its value. The vocabulary is word-level (one token per
+space-separated word): every pair ``k:v`` is one token, and keys and values are tokens of their
+own, so a prompt cut after ``[[`` is answered by exactly one next token. (Pairs as single
+tokens make the lookup one content-based attention step, which a tiny model learns in minutes
+on a CPU; with ``k = v`` spelled out it needs an induction circuit and trains far longer.)
 
 Everything here is deterministic given a seed; the training script and the demo draw their
 examples from the same generator (with different seeds).
@@ -19,16 +21,17 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-N_KEYS = 16
-N_VALUES = 16
-MIN_PAIRS = 3
-MAX_PAIRS = 6
+N_KEYS = 8
+N_VALUES = 12
+MIN_PAIRS = 2
+MAX_PAIRS = 5
 
 KEYS = tuple(f"k{i}" for i in range(N_KEYS))
 VALUES = tuple(f"v{i}" for i in range(N_VALUES))
 SPECIAL = ("<pad>", "<eos>", "<unk>")
 MARKUP = ("=", ",", ".", "Q", ":", "->", "Result", "[[", "]]")
-VOCAB = SPECIAL + MARKUP + KEYS + VALUES
+PAIRS = tuple(f"{k}:{v}" for k in KEYS for v in VALUES)
+VOCAB = SPECIAL + MARKUP + KEYS + VALUES + PAIRS
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Example:
 
     @property
     def context(self) -> str:
-        return " , ".join(f"{k} = {v}" for k, v in self.pairs) + " ."
+        return " , ".join(f"{k}:{v}" for k, v in self.pairs) + " ."
 
     @property
     def question(self) -> str:
@@ -84,6 +87,6 @@ def build_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                  unk_token="<unk>", model_max_length=64)
+                                  unk_token="<unk>", model_max_length=96)
     tok.padding_side = "right"
     return tok
