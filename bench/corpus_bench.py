@@ -43,23 +43,6 @@ HERE = Path(__file__).resolve().parent
 VOCAB = 50257
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def tokenizer():
     """A word-level tokenizer over VOCAB synthetic words (w0 ... w50256), built locally."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -110,6 +93,8 @@ def _loss(logits, ids, mask):
 def child(args) -> dict:
     import torch
 
+    from gradsae.benchmark import reset_peak_rss, rss_kib
+
     import gradsae
 
     model, sae = build(args)
@@ -120,9 +105,9 @@ def child(args) -> dict:
 
     if args.child == "gradsae":
         scorer = gradsae.GradSAE(model, sae, hook=f"blocks.{args.layer}.hook_resid_post")
-        base = _status_kib("VmRSS")  # model + SAE
+        base = rss_kib("VmRSS")  # model + SAE
         scorer.attribute(warm, torch.ones_like(warm))
-        ok = _reset_peak()
+        ok = reset_peak_rss()
         c = time.process_time()
         t = time.perf_counter()
         res = gradsae.score_corpus(model, sae, args.data, hook=f"blocks.{args.layer}.hook_resid_post",
@@ -179,9 +164,9 @@ def child(args) -> dict:
                 torch.maximum(stats.score_max, smax, out=stats.score_max)
                 model.zero_grad(set_to_none=False)  # as a loop over batches does
 
-        base = _status_kib("VmRSS")  # model + SAE; what the warm-up leaves (parameter grads) counts
+        base = rss_kib("VmRSS")  # model + SAE; what the warm-up leaves (parameter grads) counts
         step(warm, torch.ones_like(warm))
-        ok = _reset_peak()
+        ok = reset_peak_rss()
         c = time.process_time()
         t = time.perf_counter()
         tokens = 0
@@ -193,7 +178,7 @@ def child(args) -> dict:
         out["tokens"] = tokens
         out["batches"] = len(batches)
         handle.remove()
-    peak = _status_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     out.update({"peak_rss_mib": peak / 1024, "base_rss_mib": base / 1024,
                 "peak_above_base_mib": (peak - base) / 1024, "peak_reset": ok,
                 "tokens_per_s": out["tokens"] / out["seconds"], "threads": torch.get_num_threads()})

@@ -109,35 +109,13 @@ def gradsae_scores(model, sae, tokens, backend="auto"):
 def _child(args) -> dict:
     import torch
 
-    from gradsae.benchmark import _reset_peak_rss, _rss_kib
+    from gradsae.benchmark import measure
 
     model, sae, tokens = build(args)
     fn = {"dense": dense_scores, "gradsae": gradsae_scores, "model": model_only}[args.variant]
-    cuda = args.device.startswith("cuda")
     # warm up on 1 x 4 tokens: lazy imports and backend registration, no large allocation
     fn(model, sae, tokens[:1, :4])
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _rss_kib("VmRSS") * 1024
-    scores = fn(model, sae, tokens)
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _rss_kib("VmHWM") * 1024 - base
-    times = []
-    for _ in range(args.repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(model, sae, tokens)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    peak, times, scores = measure(lambda: fn(model, sae, tokens), args.repeat, args.device.startswith("cuda"))
     torch.save(scores.detach().cpu(), args.scores_out)
     return {"variant": args.variant, "time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak}
 

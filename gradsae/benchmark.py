@@ -64,7 +64,8 @@ VARIANTS = {"gradsae": run_gradsae, "dense": run_dense, "gemm": run_gemm}
 RESULTS = Path.cwd() / "bench" / "results"
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: peak); 0 if absent."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -72,13 +73,43 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
-def _reset_peak_rss() -> None:
+def reset_peak_rss() -> bool:
     """Reset the process's peak resident set (VmHWM) to its current size (Linux)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        return True
     except OSError:
-        pass
+        return False
+
+
+def measure(fn, repeat: int, cuda: bool):
+    """``(peak, times, result)``: the peak extra memory of the first call of ``fn()`` (bytes
+    above what was allocated or resident before it), the wall times of ``repeat`` further
+    calls, and the first call's result."""
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        reset_peak_rss()
+        base = rss_kib("VmRSS") * 1024
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = rss_kib("VmHWM") * 1024 - base
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return peak, times, result
 
 
 def _child(args) -> dict:
@@ -88,33 +119,11 @@ def _child(args) -> dict:
     sae, x, grad = make_inputs(args.T, args.d_in, args.d_sae, args.k, dtype=dtype, device=args.device)
     fn = VARIANTS[args.variant]
     kw = {"backend": args.backend} if args.variant == "gradsae" else {}
-    cuda = args.device.startswith("cuda")
     # Warm up on one row: lazy imports and backend registration happen here, but no large
     # allocation, so the first full-size run below shows the op's own peak (the C allocator
     # would keep a full-size warm-up's blocks resident and hide it).
     fn(sae, x[:1], grad[:1], **kw)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
-        base = _rss_kib("VmRSS") * 1024
-    fn(sae, x, grad, **kw)  # the peak-memory run, which is also the timing warm-up
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = _rss_kib("VmHWM") * 1024 - base
-    times = []
-    for _ in range(args.repeat):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(sae, x, grad, **kw)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    peak, times, _ = measure(lambda: fn(sae, x, grad, **kw), args.repeat, args.device.startswith("cuda"))
     return {"variant": args.variant, "time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak}
 
 
