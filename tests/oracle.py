@@ -171,3 +171,37 @@ def random_sae(
         normalize_activations=normalize, rescale_acts_by_decoder_norm=rescale,
         apply_b_dec_to_input=apply_b_dec,
     )
+
+
+# SAE options every backend is checked on: activation, rescale_acts_by_decoder_norm,
+# normalize_activations, apply_b_dec_to_input. TopK rows take their k from the caller (small
+# under the Triton interpreter, realistic on a GPU).
+OPTIONS = [
+    ("topk", False, "none", True),
+    ("topk", True, "none", True),
+    ("topk", False, "constant_norm_rescale", True),
+    ("topk", True, "layer_norm", False),
+    ("topk", False, "none", False),
+    ("jumprelu", False, "none", False),
+    ("jumprelu", False, "layer_norm", True),
+    ("jumprelu", True, "constant_norm_rescale", True),
+    ("relu", False, "none", True),
+    ("batchtopk", False, "none", True),
+]
+
+
+def option_cases(topk_ks):
+    """``(activation, rescale, normalize, apply_b_dec, k)`` for every entry of OPTIONS, the
+    TopK entries taking their k from ``topk_ks`` in order (None for threshold SAEs)."""
+    ks = iter(topk_ks)
+    cases = [(*o, next(ks) if o[0] == "topk" else None) for o in OPTIONS]
+    assert next(ks, None) is None, "one k per topk option"
+    return cases
+
+
+def random_inputs(lead, d_in, device="cpu", dtype=torch.float32, scale=2.0):
+    """Fresh Gaussian ``x`` (times ``scale``) and ``grad`` of shape ``[*lead, d_in]``, drawn in
+    float64 and rounded once to ``dtype``."""
+    x = torch.randn(*lead, d_in, dtype=torch.float64) * scale
+    g = torch.randn(*lead, d_in, dtype=torch.float64)
+    return x.to(device, dtype), g.to(device, dtype)

@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 import torch
-from oracle import assert_matches_oracle, dense_oracle, max_errors, random_sae
+from oracle import assert_matches_oracle, dense_oracle, max_errors, option_cases, random_inputs, random_sae
 
 import gradsae
 from gradsae.backends import Request, available_backends, get_backend
@@ -83,25 +83,11 @@ def test_info_lists_the_cuda_backend():
 
 
 # ---------------------------------------------------------------------------- GPU: against the oracle
-CASES = [
-    # activation, rescale, normalize, apply_b_dec, k
-    ("topk", False, "none", True, 32),
-    ("topk", True, "none", True, 64),
-    ("topk", False, "constant_norm_rescale", True, 1),
-    ("topk", True, "layer_norm", False, 100),
-    ("topk", False, "none", False, 256),
-    ("jumprelu", False, "none", False, None),
-    ("jumprelu", False, "layer_norm", True, None),
-    ("jumprelu", True, "constant_norm_rescale", True, None),
-    ("relu", False, "none", True, None),
-    ("batchtopk", False, "none", True, None),
-]
+CASES = option_cases((32, 64, 1, 100, 256))
 
 
 def _inputs(lead, d_in, dtype=torch.float32, scale=2.0):
-    x = torch.randn(*lead, d_in, dtype=torch.float64) * scale
-    g = torch.randn(*lead, d_in, dtype=torch.float64)
-    return x.to(DEV, dtype), g.to(DEV, dtype)
+    return random_inputs(lead, d_in, DEV, dtype, scale)
 
 
 def _relu_sae(d_in, d_sae, dtype=torch.float32):

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from oracle import assert_matches_oracle, dense_oracle, max_errors, random_sae
+from oracle import assert_matches_oracle, dense_oracle, max_errors, option_cases, random_sae
 
 import gradsae
 from gradsae.backends import get_backend
@@ -23,19 +23,7 @@ def small_budget():
     ref.budget = old
 
 
-CASES = [
-    # activation, rescale, normalize, apply_b_dec, k
-    ("topk", False, "none", True, 7),
-    ("topk", True, "none", True, 7),
-    ("topk", False, "constant_norm_rescale", True, 1),
-    ("topk", True, "layer_norm", False, 13),
-    ("topk", False, "none", False, 64),  # k spans several d_sae chunks of the small budget
-    ("jumprelu", False, "none", False, None),
-    ("jumprelu", False, "layer_norm", True, None),
-    ("jumprelu", True, "constant_norm_rescale", True, None),
-    ("relu", False, "none", True, None),
-    ("batchtopk", False, "none", True, None),
-]
+CASES = option_cases((7, 7, 1, 13, 64))
 
 
 @pytest.mark.parametrize("activation,rescale,normalize,apply_b_dec,k", CASES)

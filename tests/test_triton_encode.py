@@ -5,7 +5,7 @@ indices above 2^16, threshold capacities and overflow, and low-precision inputs.
 
 import pytest
 import torch
-from oracle import assert_matches_oracle, dense_oracle, max_errors, random_sae
+from oracle import assert_matches_oracle, dense_oracle, max_errors, option_cases, random_inputs, random_sae
 
 import gradsae
 from gradsae.errors import CapacityError
@@ -16,25 +16,11 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-CASES = [
-    # activation, rescale, normalize, apply_b_dec, k
-    ("topk", False, "none", True, 7),
-    ("topk", True, "none", True, 5),
-    ("topk", False, "constant_norm_rescale", True, 1),
-    ("topk", True, "layer_norm", False, 13),
-    ("topk", False, "none", False, 64),
-    ("jumprelu", False, "none", False, None),
-    ("jumprelu", False, "layer_norm", True, None),
-    ("jumprelu", True, "constant_norm_rescale", True, None),
-    ("relu", False, "none", True, None),
-    ("batchtopk", False, "none", True, None),
-]
+CASES = option_cases((7, 5, 1, 13, 64))
 
 
 def _inputs(lead, d_in, dtype=torch.float32, scale=2.0):
-    x = torch.randn(*lead, d_in, dtype=torch.float64) * scale
-    g = torch.randn(*lead, d_in, dtype=torch.float64)
-    return x.to(DEV, dtype), g.to(DEV, dtype)
+    return random_inputs(lead, d_in, DEV, dtype, scale)
 
 
 @pytest.mark.parametrize("activation,rescale,normalize,apply_b_dec,k", CASES)
