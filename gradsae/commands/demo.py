@@ -4,7 +4,7 @@ TopK and a JumpReLU SAE on its residual stream. Masks the Top-K latents by GradS
 activation, and the Bottom-K of each, for K in {1, 5, 10, 50%}; prints the accuracy table,
 writes a PNG plot, and shows the top latents of one prompt. CPU only, no network.
 
-    gradsae demo                      # a few minutes on a busy 2-core CPU
+    gradsae demo                      # under a minute on a 2-core CPU
     gradsae demo --quick --out /tmp/demo.png
 """
 
@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a few prompts and K in {1, 50%%} (a smoke test)")
     p.add_argument("--out", default="demo_results.png", help="where to write the plot (default demo_results.png)")
     p.add_argument("--sae", choices=("topk", "jumprelu"), default="topk", help="which bundled SAE (default topk)")
-    p.add_argument("--prompts", type=int, default=None, help="number of prompts asked (default 60, 12 with --quick)")
+    p.add_argument("--prompts", type=int, default=None, help="number of prompts asked (default 200, 12 with --quick)")
     p.add_argument("--trigger", choices=("answer", "["), default="answer",
                    help="score at the label token (default) or at the first token containing '[' (the paper's)")
     p.add_argument("--data", default=None,
@@ -34,7 +34,7 @@ def run(args) -> int:
     hf_logging.disable_progress_bar()  # the weight-loading bar of a 1 MB model is noise here
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a 64-wide model: more threads only add overhead
-    n = args.prompts if args.prompts is not None else (12 if args.quick else 60)
+    n = args.prompts if args.prompts is not None else (12 if args.quick else 200)
     run_demo(n_prompts=n, sae_kind=args.sae, out=args.out, ks=QUICK_KS if args.quick else KS,
              trigger=args.trigger, progress=not args.no_progress, root=args.data)
     return 0

@@ -1,6 +1,6 @@
 """The demo: the paper's perturbation study on the bundled key-value lookup model.
 
-    res = run_demo(n_prompts=60, sae_kind="topk", out="demo_results.png")
+    res = run_demo(n_prompts=200, sae_kind="topk", out="demo_results.png")
 
 1. Fresh lookup prompts (``k3:v7 , ... Q : k12 ->``) are drawn from the task generator with a
    fixed seed, different from the training seeds. The SAE is spliced into the model (the
@@ -106,16 +106,20 @@ def build_scorer(sae_kind: str = "topk", root=None):
 
 
 def example_latents(scorer, trig, n_top: int = 5, seed: int = EVAL_SEED + 1, out=None) -> dict:
-    """Score one fresh prompt, print its Top latents by GradSAE and by activation, and what
-    the answer becomes with each set masked. Returns what it printed, as a dict."""
+    """Score one fresh prompt (the first of a few that the spliced model answers correctly),
+    print its Top latents by GradSAE and by activation, and what the answer becomes with each
+    set masked. Returns what it printed, as a dict."""
     from ..experiments import extract_answer
 
     out = sys.stdout if out is None else out
-    ex = demo_examples(1, seed)[0]
-    prompt = TEMPLATE.format(context=ex["context"], question=ex["question"])
+    # the first of a few fresh prompts that the spliced model answers correctly
+    for ex in demo_examples(20, seed):
+        prompt = TEMPLATE.format(context=ex["context"], question=ex["question"])
+        full = scorer.generate(prompt, max_new_tokens=MAX_NEW_TOKENS).text or ""
+        if extract_answer(full) == ex["answers"][0]:
+            break
     g = scorer.score_at_trigger(prompt, trigger=trig, max_new_tokens=MAX_NEW_TOKENS)
     s = g.scores
-    full = scorer.generate(prompt, max_new_tokens=MAX_NEW_TOKENS).text
     print(f"\nexample prompt: {prompt}", file=out)
     print(f"gold answer: {ex['answers'][0]}; spliced model writes: {full}", file=out)
     print(f"{int(s.active.sum())} latents active in the prompt, {s.active_last.numel()} at the last position; "
@@ -168,7 +172,7 @@ def plot(res: DemoResult, path) -> Path:
     return path
 
 
-def run_demo(n_prompts: int = 60, sae_kind: str = "topk", out="demo_results.png", ks=KS,
+def run_demo(n_prompts: int = 200, sae_kind: str = "topk", out="demo_results.png", ks=KS,
              trigger: str = "answer", progress: bool = True, stream=None, root=None) -> DemoResult:
     """Run the whole demo (see the module docstring), printing to ``stream``; raises
     :class:`DemoError` when the spliced model answers none of the prompts."""
