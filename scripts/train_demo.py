@@ -1,7 +1,7 @@
 """Train the demo bundled with gradsae: a tiny Llama-style model on key-value lookup, and a TopK and a
 JumpReLU SAE on its residual stream at a middle layer.
 
-    python scripts/train_demo.py                 # writes gradsae/data/demo/ (about 8 minutes)
+    python scripts/train_demo.py                 # writes gradsae/data/demo/ (4-8 minutes)
     python scripts/train_demo.py --out /tmp/demo  # somewhere else
 
 Everything is seeded (examples, initialisation, batches) and runs on the CPU with one thread by
