@@ -724,11 +724,14 @@ def test_saved_files_get_normal_permissions(tmp_path):
     try:
         sae = random_sae(8, 16, "topk", k=2)
         sae.save(tmp_path / "new")
+        modes_first = {f: stat.S_IMODE((tmp_path / "new" / f).stat().st_mode)
+                       for f in ("cfg.json", "sae_weights.safetensors")}
         sae.save(tmp_path / "new")  # into the existing directory: per-file replacement
         stats = gradsae.LatentStats(16)
         stats.save(tmp_path / "stats.safetensors")
     finally:
         os.umask(old)
+    assert modes_first == {"cfg.json": 0o644, "sae_weights.safetensors": 0o644}
     assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o755
     for f in ["new/cfg.json", "new/sae_weights.safetensors", "stats.safetensors"]:
         assert stat.S_IMODE((tmp_path / f).stat().st_mode) == 0o644, f

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, SAEFormatError
-from ..fsutil import atomic_write, atomic_write_text, make_temp_dir
+from ..fsutil import atomic_write, atomic_write_text, make_temp_dir, normal_mode
 from ..sae import SAE
 from .readers import (
     build_sae,
@@ -307,6 +307,8 @@ def save_saelens(sae: SAE, path) -> None:
         try:
             save_file(tensors, str(tmp / WEIGHTS_FILENAME))
             (tmp / CFG_FILENAME).write_text(cfg_text, encoding="utf-8")
+            for f in (WEIGHTS_FILENAME, CFG_FILENAME):  # safetensors writes owner-only files
+                os.chmod(tmp / f, normal_mode())
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
