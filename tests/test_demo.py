@@ -19,7 +19,7 @@ from gradsae.cli import main as cli_main
 from gradsae.demo import bundle, study, task
 
 N_CHECK = 40
-MIN_CORRECT = 10  # uniform guessing gets about 40/12; the shipped model about 15 (see training.json)
+MIN_CORRECT = 36  # guessing a value from the context gets about 12/40; the shipped model all (training.json)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,9 @@ def test_demo_prompt_answered_with_and_without_splice(demo):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
         # and the spliced model writes the answer in the paper's format from the question alone
         text = scorer.generate(ex.question, max_new_tokens=8).text
-        assert text == f"Result = [[ {ex.answer} ]]", (kind, text)
+        # (the answer is the first [[ ... ]], as the paper's parser reads it; the toy model may
+        # keep writing after it, since its training sequences hold several questions)
+        assert text.startswith(f"Result = [[ {ex.answer} ]]"), (kind, text)
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
