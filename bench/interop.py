@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -143,22 +141,18 @@ def main() -> int:
 
     import torch
 
-    from gradsae.benchmark import device_name
+    from gradsae.benchmark import device_name, run_child
 
     rows, scores = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("dense", "gradsae", "model"):
             out = str(Path(tmp) / f"{variant}.pt")
-            cmd = [sys.executable, __file__, "--child", "1", "--variant", variant, "--scores-out", out] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("d_model", "layers", "vocab", "d_sae", "k", "B", "T", "device", "repeat")
-            ]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                print(res.stderr, file=sys.stderr)
-                print(f"bench: the {variant} run failed (exit {res.returncode})", file=sys.stderr)
+            row = run_child([sys.executable, __file__], variant, args,
+                            ("d_model", "layers", "vocab", "d_sae", "k", "B", "T", "device", "repeat"),
+                            extra=["--scores-out", out])
+            if row is None:
                 return 1
-            rows[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+            rows[variant] = row
             scores[variant] = torch.load(out)
     d, g = rows["dense"], rows["gradsae"]
     err = float((scores["dense"] - scores["gradsae"]).abs().max() / scores["dense"].abs().max().clamp(min=1e-30))

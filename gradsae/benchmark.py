@@ -127,6 +127,21 @@ def _child(args) -> dict:
     return {"variant": args.variant, "time_s": statistics.median(times), "times_s": times, "peak_extra_bytes": peak}
 
 
+def run_child(prefix: list[str], variant: str, args, keys, extra: list[str] = ()) -> dict | None:
+    """Run one variant in a fresh process (``prefix --child 1 --variant V`` plus ``args``'
+    ``keys`` as flags) and return the JSON dict it prints last; None (with its stderr shown)
+    if it failed."""
+    cmd = list(prefix) + ["--child", "1", "--variant", variant, *extra] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in keys
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stderr, file=sys.stderr)
+        print(f"bench: the {variant} run failed (exit {res.returncode})", file=sys.stderr)
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -170,17 +185,12 @@ def run(args) -> int:
         return 0
 
     rows = {}
+    keys = ("T", "d_in", "d_sae", "k", "dtype", "device", "backend", "repeat")
     for variant in ("gemm", "gradsae", "dense"):
-        cmd = [sys.executable, "-m", "gradsae.benchmark", "--child", "1", "--variant", variant] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k in ("T", "d_in", "d_sae", "k", "dtype", "device", "backend", "repeat")
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(res.stderr, file=sys.stderr)
-            print(f"bench: the {variant} run failed (exit {res.returncode})", file=sys.stderr)
+        row = run_child([sys.executable, "-m", "gradsae.benchmark"], variant, args, keys)
+        if row is None:
             return 1
-        rows[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+        rows[variant] = row
 
     g, d, m = rows["gradsae"], rows["dense"], rows["gemm"]
     summary = {
