@@ -60,6 +60,28 @@ def test_hooked_twin_is_the_same_model(models):
         torch.testing.assert_close(ht(ids), hf(ids).logits, atol=1e-10, rtol=0)
 
 
+def padded_mask(ids, padding):
+    """Attention mask with some padding on one row: left (row 1) or right (row 2)."""
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+    else:
+        mask[2, 5:] = 0
+    return mask
+
+
+def assert_same_scores(hf, other, sae, ids, mask, atol_rel, rtol, **kw):
+    """GradSAE on the transformers model and on its TransformerLens twin give the same
+    per-prompt scores (tolerance relative to the largest score)."""
+    a = gradsae.GradSAE(hf, sae, **kw).score(ids, attention_mask=mask)
+    b = gradsae.GradSAE(other, sae, **kw).score(ids, attention_mask=mask)
+    assert len(a) == len(b) == ids.shape[0]
+    for ra, rb in zip(a, b):
+        assert float(ra.scores.abs().max()) > 0
+        torch.testing.assert_close(rb.scores, ra.scores, atol=atol_rel * float(ra.scores.abs().max()), rtol=rtol)
+    return a, b
+
+
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
                                   "blocks.1.hook_attn_out"])
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -67,19 +89,11 @@ def test_hooked_twin_is_the_same_model(models):
 def test_hooked_transformer_scores_equal_hf_scores(models, hook, padding, mode):
     hf, ht = models
     ids = rand_ids(3, 8)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[1, :3] = 0
-    else:
-        mask[2, 5:] = 0
+    mask = padded_mask(ids, padding)
     sae = random_sae(D, 96, "topk", k=6, dtype=torch.float64)
-    a = gradsae.GradSAE(hf, sae, hook=hook, mode=mode).score(ids, attention_mask=mask)
-    b = gradsae.GradSAE(ht, sae, hook=hook, mode=mode).score(ids, attention_mask=mask)
-    assert len(a) == len(b) == 3
+    a, b = assert_same_scores(hf, ht, sae, ids, mask, 1e-12, 1e-8, hook=hook, mode=mode)
     for ra, rb in zip(a, b):
         assert ra.objective == pytest.approx(rb.objective, rel=1e-10)
-        assert float(ra.scores.abs().max()) > 0
-        torch.testing.assert_close(rb.scores, ra.scores, atol=1e-12 * float(ra.scores.abs().max()), rtol=1e-8)
         assert torch.equal(ra.active_last, rb.active_last)
 
 
@@ -116,17 +130,9 @@ def test_rotary_hooked_transformer_scores_equal_hf(padding):
     ids = rand_ids(3, 8)
     with torch.no_grad():
         torch.testing.assert_close(ht(ids), hf(ids).logits, atol=1e-4, rtol=1e-4)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[1, :3] = 0
-    else:
-        mask[2, 5:] = 0
+    mask = padded_mask(ids, padding)
     sae = random_sae(D, 96, "topk", k=6)
-    a = gradsae.GradSAE(hf, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
-    b = gradsae.GradSAE(ht, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
-    for ra, rb in zip(a, b):
-        assert float(ra.scores.abs().max()) > 0
-        torch.testing.assert_close(rb.scores, ra.scores, atol=1e-4 * float(ra.scores.abs().max()), rtol=1e-3)
+    assert_same_scores(hf, ht, sae, ids, mask, 1e-4, 1e-3, hook="blocks.1.hook_resid_post")
 
 
 def test_hooked_transformer_loss_attribution_equals_hf(models):
@@ -256,14 +262,6 @@ def test_transformer_bridge_scores_equal_hf(tmp_path, monkeypatch, padding):
         warnings.simplefilter("ignore")
         bridge = bridge_mod.TransformerBridge.boot_transformers(str(tmp_path / "m"), device="cpu")
     ids = rand_ids(3, 8)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[1, :3] = 0
-    else:
-        mask[2, 5:] = 0
+    mask = padded_mask(ids, padding)
     sae = random_sae(D, 96, "topk", k=6)
-    a = gradsae.GradSAE(hf, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
-    b = gradsae.GradSAE(bridge, sae, hook="blocks.1.hook_resid_post").score(ids, attention_mask=mask)
-    for ra, rb in zip(a, b):
-        assert float(ra.scores.abs().max()) > 0
-        torch.testing.assert_close(rb.scores, ra.scores, atol=1e-4 * float(ra.scores.abs().max()), rtol=1e-3)
+    assert_same_scores(hf, bridge, sae, ids, mask, 1e-4, 1e-3, hook="blocks.1.hook_resid_post")
