@@ -81,6 +81,25 @@ def test_indices_above_16_bits(activation):
         assert set(high.tolist()) <= set(row.tolist())
 
 
+def assert_exact_topk(acts, idx, exact, k, tol=1e-4):
+    """A float32 top-k equals the float64 one: the same index set wherever the k-th and
+    (k+1)-th values are more than ``tol`` apart (DESIGN §5), the kernel's values equal the
+    exact values of the latents it picked, and its sorted values equal the exact top-k."""
+    acts, idx = acts.cpu().double(), idx.cpu()
+    want = exact.cpu().topk(min(k + 1, exact.shape[-1]))
+    kth = want.values[:, k - 1]
+    nxt = want.values[:, k] if want.values.shape[-1] > k else torch.full_like(kth, float("-inf"))
+    clear = ((kth - nxt) > tol) & (kth.abs() > tol)
+    valid = idx >= 0
+    for r in range(idx.shape[0]):
+        if bool(clear[r]):
+            assert set(idx[r][valid[r]].tolist()) == set(want.indices[r, :k][want.values[r, :k] > 0].tolist()), r
+    torch.testing.assert_close(torch.where(valid, acts, 0.0),
+                               torch.where(valid, exact.cpu().gather(1, idx.clamp(min=0)), 0.0), atol=tol, rtol=tol)
+    torch.testing.assert_close(acts.sort(-1, descending=True).values, want.values[:, :k].clamp(min=0),
+                               atol=tol, rtol=tol)
+
+
 def test_topk_splits_and_ragged_tiles_agree():
     """The same top-k whatever the number of d_sae splits merged by the second stage."""
     d_in, d_sae, k = 12, 333, 9
@@ -88,12 +107,10 @@ def test_topk_splits_and_ragged_tiles_agree():
     x, _ = _inputs((37,), d_in)
     a = x.to(sae.dtype)
     bias = (sae.b_enc.double() - sae.b_dec.double() @ sae.W_enc.double()).float()
-    want = (a.double() @ sae.W_enc.double() + bias.double()).topk(k)
+    exact = a.double() @ sae.W_enc.double() + bias.double()
     for splits in (1, 2, 6):
         acts, idx = encode_topk(a, sae.W_enc, bias, k, n_splits=splits)
-        pos = want.values > 0
-        assert torch.equal(torch.where(pos, want.indices, -1).cpu(), idx.cpu())
-        torch.testing.assert_close(acts.double(), want.values.clamp(min=0), atol=1e-4, rtol=1e-4)
+        assert_exact_topk(acts, idx, exact, k)
 
 
 @triton.jit
@@ -169,8 +186,14 @@ def test_matches_reference_backend_and_deterministic_flag():
     b = gradsae.influence(x, g, sae, backend="triton", deterministic=True)
     r = gradsae.influence(x, g, sae, backend="reference")
     assert torch.equal(a.indices, b.indices) and torch.equal(a.scores, b.scores)
-    assert torch.equal(a.indices, r.indices)  # both ascending by latent index
-    torch.testing.assert_close(a.scores, r.scores, atol=1e-4, rtol=1e-4)
+    # both ascending by latent index; two float32 GEMMs may disagree only on a value within
+    # rounding of its threshold, so rows holding one are compared through the oracle instead
+    orc = dense_oracle(sae, x, g)
+    near = ((orc["v"] - orc["thr"]).abs() < 1e-4).any(-1)
+    assert torch.equal(a.indices.cpu()[~near], r.indices.cpu()[~near])
+    assert_matches_oracle(a, orc, sae, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.scores[~near.to(a.scores.device)], r.scores[~near.to(r.scores.device)],
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -200,8 +223,7 @@ def test_candidate_queue_and_per_tile_merge_agree(k):
     W = torch.randn(d_in, d_sae, device=DEV)
     bias = torch.randn(d_sae, device=DEV)
     a = torch.randn(19, d_in, device=DEV)
-    want = (a.double() @ W.double() + bias.double()).topk(k)
+    exact = a.double() @ W.double() + bias.double()
     for queue in (True, False):
         acts, idx = encode_topk(a, W, bias, k, queue=queue)
-        assert torch.equal(torch.where(want.values > 0, want.indices, -1), idx)
-        torch.testing.assert_close(acts.double(), want.values.clamp(min=0), atol=1e-4, rtol=1e-4)
+        assert_exact_topk(acts, idx, exact, k)
