@@ -96,12 +96,14 @@ def test_error_mode_keeps_forward_and_matches_recipe(arch):
     with torch.no_grad():
         plain = m(ids[None]).logits
     attr = sc.attribute(ids, objective="predicted_prob")
-    assert torch.allclose(attr.logits, plain, rtol=0, atol=1e-12)
+    assert attr.logits is None  # the head ran at the last position only
+    assert torch.allclose(sc.attribute(ids, objective="predicted_prob", keep_logits=True).logits, plain,
+                          rtol=0, atol=1e-12)
     got = sc.reduce(attr)[0]
     assert_close(got.scores, ref, 1e-9)
     # splice mode differs from error mode on the same input
     sp = GradSAE(m, sae, hook="blocks.0.hook_resid_post", mode="splice", tokenizer=tok)
-    assert not torch.allclose(sp.attribute(ids, objective="predicted_prob").logits, plain)
+    assert not torch.allclose(sp.attribute(ids, objective="predicted_prob", keep_logits=True).logits, plain)
 
 
 @pytest.mark.parametrize("sign", ["signed", "abs"])
@@ -265,6 +267,7 @@ def test_normalising_sae_matches_float64_oracle(normalize, rescale):
     finally:
         h.remove()
         m.zero_grad(set_to_none=True)
-    assert torch.allclose(attr.logits, logits.detach(), atol=1e-10)
+    assert torch.allclose(sc.attribute(ids, objective="loss", keep_logits=True).logits, logits.detach(), atol=1e-10)
+    assert torch.allclose(attr.objective.sum(), loss.detach(), rtol=1e-12, atol=0)
     orc = dense_oracle(sae, seen["x"], seen["y"].grad)
     assert_matches_oracle(attr.influence, orc, sae, atol=1e-9, rtol=1e-7)

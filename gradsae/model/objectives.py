@@ -69,11 +69,7 @@ def evaluate(objective, logits, input_ids, mask, position: int = -1, **kw) -> to
         if not isinstance(y, torch.Tensor) or y.dim() > 1 or (y.dim() == 1 and y.shape[0] != B):
             raise InputError("a callable objective must return a scalar or a [batch] tensor")
         return y
-    allowed = {"predicted_prob": (), "loss": (), "logprob": ("target",), "logit_diff": ("a", "b")}
-    if objective in allowed:
-        extra = sorted(set(kw) - set(allowed[objective]))
-        if extra:
-            raise InputError(f"objective {objective!r} takes no argument(s) {extra}")
+    _check_arguments(objective, kw)
     if objective == "predicted_prob":
         p = _at(logits, mask, position).softmax(-1)
         return p.max(-1).values
@@ -88,9 +84,49 @@ def evaluate(objective, logits, input_ids, mask, position: int = -1, **kw) -> to
     if objective == "loss":
         lp = logits[:, :-1].log_softmax(-1)
         nll = -lp.gather(-1, input_ids[:, 1:, None].to(lp.device)).squeeze(-1)
-        valid = (mask[:, :-1] & mask[:, 1:]).to(nll.dtype)
-        n = valid.sum(-1)
-        if bool((n == 0).any()):
-            raise InputError("objective 'loss' needs at least 2 real tokens per example")
-        return (nll * valid).sum(-1) / n
+        valid, n = _loss_positions(mask)
+        return (nll * valid.to(nll.dtype)).sum(-1) / n.to(nll.dtype)
     raise InputError(f"unknown objective {objective!r}; expected one of {NAMES} or a callable")
+
+
+_ARGUMENTS = {"predicted_prob": (), "loss": (), "logprob": ("target",), "logit_diff": ("a", "b")}
+
+
+def _check_arguments(objective, kw) -> None:
+    if objective in _ARGUMENTS:
+        extra = sorted(set(kw) - set(_ARGUMENTS[objective]))
+        if extra:
+            raise InputError(f"objective {objective!r} takes no argument(s) {extra}")
+
+
+def _loss_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``valid [B, T-1]`` (position t predicts real token t+1) and its count per example."""
+    valid = mask[:, :-1] & mask[:, 1:]
+    n = valid.sum(-1)
+    if bool((n == 0).any()):
+        raise InputError("objective 'loss' needs at least 2 real tokens per example")
+    return valid, n
+
+
+def evaluate_hidden(objective, head, hidden, input_ids, mask, position: int = -1, **kw) -> torch.Tensor:
+    """The named ``objective`` ``[B]`` from the final hidden states ``[B, T, d]`` and the model's
+    :class:`~gradsae.model.head.Head`, equal to :func:`evaluate` on the model's logits without
+    forming them: the position objectives apply the head at one position per example; ``loss``
+    is :func:`~gradsae.model.head.chunked_nll` over the predicting positions only."""
+    from .head import chunked_nll
+
+    if objective not in NAMES:
+        raise InputError(f"unknown objective {objective!r}; expected one of {NAMES} or a callable")
+    _check_arguments(objective, kw)
+    B = hidden.shape[0]
+    if objective == "loss":
+        valid, n = _loss_positions(mask.to(hidden.device))
+        rows, cols = valid.nonzero(as_tuple=True)
+        targets = input_ids.to(hidden.device)[rows, cols + 1]
+        acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        weights = 1.0 / n.to(acc)[rows]
+        return chunked_nll(head, hidden[rows, cols], targets, weights, rows, B)
+    pos = position_index(mask, position).to(hidden.device)
+    h = hidden[torch.arange(B, device=hidden.device), pos].unsqueeze(1)  # [B, 1, d]
+    one = torch.ones(B, 1, dtype=torch.bool, device=mask.device)
+    return evaluate(objective, head.logits(h), input_ids, one, -1, **kw)

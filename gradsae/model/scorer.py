@@ -20,6 +20,7 @@ from . import objectives as _obj
 from .hooks import resolve_hook
 from .interventions import Intervention
 from .results import PromptScores, ScoreResult
+from .head import split_head
 from .splice import MODES, Recorder, Splice
 
 REDUCES = ("mean", "sum", "last")
@@ -30,11 +31,12 @@ SIGNS = ("relu", "signed", "abs")
 class Attribution:
     """One batch's attribution: ``influence`` (:class:`Influence` ``[B, T, K]``, empty slots and
     pad positions have index -1), ``mask`` (``[B, T]`` bool, the positions that count),
-    ``logits`` (detached ``[B, T, V]``), ``objective`` (Y per example, ``[B]``)."""
+    ``logits`` (detached ``[B, T, V]``; None unless :meth:`GradSAE.attribute` was asked to
+    keep them or needed them for a callable objective), ``objective`` (Y per example, ``[B]``)."""
 
     influence: Influence
     mask: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     objective: torch.Tensor
     input_ids: torch.Tensor
 
@@ -142,11 +144,12 @@ class GradSAE:
         _obj.bounds(mask)
         return ids.to(self.device), mask.to(self.device)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, **kw):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, module=None, **kw):
         """The model's forward on a (possibly padded) batch, with position ids counted from each
-        row's first real token, so padding changes nothing."""
+        row's first real token, so padding changes nothing. ``module``: another module taking
+        the same inputs (the model's body)."""
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        return self.model(input_ids=ids, attention_mask=mask.long(), position_ids=pos, **kw)
+        return (module or self.model)(input_ids=ids, attention_mask=mask.long(), position_ids=pos, **kw)
 
     @contextmanager
     def _frozen(self):
@@ -161,13 +164,18 @@ class GradSAE:
 
     # ------------------------------------------------------------------ attribution
     def attribute(self, input_ids, attention_mask=None, objective="loss", position: int = -1,
-                  **objective_kwargs) -> Attribution:
+                  keep_logits: bool = False, **objective_kwargs) -> Attribution:
         """Per-token influence of the active latents for a whole batch: one forward, one backward.
 
         ``objective``: ``"loss"`` (default), ``"predicted_prob"``, ``"logprob"`` (``target=``),
         ``"logit_diff"`` (``a=``, ``b=``) or a callable (see :mod:`gradsae.model.objectives`);
         ``position`` counts within each example's real tokens. Pad positions never count: their
         slots are empty in the result.
+
+        On transformers models with a plain output head (:mod:`gradsae.model.head`) a named
+        objective never forms the ``[B, T, vocab]`` logits: the head runs at the one position
+        it needs, or the loss runs in chunks of positions. ``keep_logits=True`` runs the model's
+        own forward instead and returns its logits in :attr:`Attribution.logits`.
         """
         ids, mask = self.encode_batch(input_ids, attention_mask)
         rec = Recorder(anchor=torch.zeros((), device=self.device, requires_grad=True))
@@ -175,8 +183,14 @@ class GradSAE:
         sp.recorder, sp.last_index, sp.mask = rec, _obj.bounds(mask)[1], mask
         try:
             with self._frozen(), sp, torch.enable_grad():
-                logits = self.forward(ids, mask, use_cache=False).logits
-                y = _obj.evaluate(objective, logits, ids, mask, position, **objective_kwargs)
+                head = None if keep_logits or callable(objective) else split_head(self.model)
+                if head is not None:
+                    logits = None
+                    hidden = self.forward(ids, mask, module=head.body, use_cache=False).last_hidden_state
+                    y = _obj.evaluate_hidden(objective, head, hidden, ids, mask, position, **objective_kwargs)
+                else:
+                    logits = self.forward(ids, mask, use_cache=False).logits
+                    y = _obj.evaluate(objective, logits, ids, mask, position, **objective_kwargs)
                 if not y.requires_grad:
                     raise InputError("the objective does not depend on the hook's output")
                 y.sum().backward()
@@ -196,7 +210,7 @@ class GradSAE:
         yv = y.detach().reshape(-1)
         if yv.numel() == 1 and ids.shape[0] > 1:  # a callable objective returned one scalar
             yv = yv.expand(ids.shape[0])
-        return Attribution(inf, mask, logits.detach(), yv, ids)
+        return Attribution(inf, mask, None if logits is None else logits.detach(), yv, ids)
 
     def reduce(self, attr: Attribution, reduce: str = "mean", sign: str = "relu") -> ScoreResult:
         """Per-prompt scores from an :class:`Attribution`: ``sign`` in ``relu`` (the paper),
