@@ -33,8 +33,9 @@ import gradsae
 a = json.loads(sys.argv[1])
 model = tm.model("gpt2", d=32, layers=2, seed=a["seed"], scale=3.0)
 sae = random_sae(32, 64, "topk", k=4, seed=a["seed"] + 1)
-# slow each batch down so the parent can kill the run in the middle (results are unaffected)
-model.register_forward_pre_hook(lambda *args: time.sleep(0.15))
+# slow each batch down so the parent can kill the run in the middle (results are unaffected;
+# a hook on a block, since hooks on the model itself make gradsae run the model's own forward)
+model.transformer.h[0].register_forward_pre_hook(lambda *args: time.sleep(0.15))
 gradsae.score_corpus(model, sae, a["data"], tokenizer=tm.tokenizer(), out=a["out"], checkpoint_every=1,
                      **a["run"])
 """

@@ -84,6 +84,17 @@ def delta_decode(sae, idx: torch.Tensor, dvals: torch.Tensor, x: torch.Tensor | 
     return out
 
 
+def _encode_rows(x: torch.Tensor, keep: torch.Tensor, sae, backend: str):
+    """:func:`encode_sparse` of the positions ``keep`` (``[B, T]`` bool) of ``x`` only; the
+    other positions get empty slots (index -1, value 0). Padding costs no encode."""
+    sel = keep.reshape(-1).nonzero().squeeze(-1)
+    i, a = encode_sparse(x.reshape(-1, x.shape[-1])[sel], sae, backend=backend)
+    idx = torch.full((keep.numel(), i.shape[-1]), -1, dtype=i.dtype, device=i.device)
+    acts = torch.zeros((keep.numel(), a.shape[-1]), dtype=a.dtype, device=a.device)
+    idx[sel], acts[sel] = i, a
+    return idx.reshape(*keep.shape, -1), acts.reshape(*keep.shape, -1)
+
+
 class Splice:
     """The SAE at a hook point. Callable on the hook's tensor; install with :meth:`attach`.
 
@@ -157,9 +168,11 @@ class Splice:
         sae = self.sae
         hd = h.detach()
         if self.mask is not None and tuple(self.mask.shape) == tuple(hd.shape[:2]) and not bool(self.mask.all()):
-            keep = self.mask.to(hd.device).unsqueeze(-1)
-            hd = torch.where(keep, hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
-        idx, acts = encode_sparse(hd, sae, backend=self.backend)
+            keep = self.mask.to(hd.device)
+            hd = torch.where(keep.unsqueeze(-1), hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
+            idx, acts = _encode_rows(hd, keep, sae, self.backend)  # pads: no latents
+        else:
+            idx, acts = encode_sparse(hd, sae, backend=self.backend)
         new_acts = acts
         extra = torch.zeros_like(hd, dtype=sae.dtype) if self.interventions else None
         for iv in self.interventions:
