@@ -9,13 +9,18 @@ the same batches (gradsae's token-budget batcher), each in a fresh subprocess:
 
 - ``floor``: the bare model forward plus an activation-only backward of the same objective
   (mean next-token loss per sequence) down to the hook, no SAE: parameters frozen, the hook's
-  output made a leaf so backward stops there.
+  output made a leaf so backward stops there. The loss is computed as gradsae computes it
+  (:mod:`gradsae.model.head`: the base model, then the head a chunk of positions at a time),
+  so the gap to ``gradsae`` is what the SAE costs.
+- ``floor-logits``: the same with the model's own ``[B, T, vocab]`` logits and
+  ``F.cross_entropy``, for reference: what the split head saves the model's part.
 - ``gradsae``: ``gradsae.score_corpus`` end to end (tokenising, batching, forward + backward
   with the spliced SAE, LatentStats, top examples, and writing the output directory).
 - ``dense``: the approach of the paper's released code and SAELens' attribution tutorial:
   dense latents ``z = encode(x.detach())`` with ``requires_grad`` + ``retain_grad`` spliced in
-  with a forward hook, parameters left requiring grad, backward, then the same per-latent
-  statistics from the dense ``z * z.grad``.
+  with a forward hook, parameters left requiring grad, the loss from the model's logits with
+  ``F.cross_entropy``, backward, then the same per-latent statistics from the dense
+  ``z * z.grad``.
 
 The variants run in ``--repeat`` interleaved rounds and each keeps its fastest round. Time is
 the wall time of the scoring loop (for gradsae the whole ``score_corpus`` call) after
@@ -82,12 +87,13 @@ def _batches(args, tok):
 
 
 def _loss(logits, ids, mask):
-    import torch
+    """Sum over sequences of the mean next-token NLL over real tokens, the usual way."""
+    import torch.nn.functional as F
 
-    lp = logits[:, :-1].float().log_softmax(-1)
-    nll = -lp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    valid = (mask[:, :-1] & mask[:, 1:]).to(nll.dtype)
-    return ((nll * valid).sum(-1) / valid.sum(-1).clamp(min=1)).sum()
+    lg = logits[:, :-1].float()
+    tgt = ids[:, 1:].masked_fill(~(mask[:, :-1] & mask[:, 1:]), -100)
+    nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction="none").view(tgt.shape)
+    return (nll.sum(-1) / (tgt != -100).sum(-1).clamp(min=1)).sum()
 
 
 def child(args) -> dict:
@@ -121,7 +127,12 @@ def child(args) -> dict:
     else:
         batches = _batches(args, tok)
         stats = gradsae.LatentStats(sae.d_sae) if args.child == "dense" else None
-        if args.child == "floor":
+        head = None
+        if args.child in ("floor", "floor-logits"):
+            if args.child == "floor":
+                from gradsae.model.head import split_head
+
+                head = split_head(model)
             for p in model.parameters():
                 p.requires_grad_(False)
 
@@ -146,8 +157,16 @@ def child(args) -> dict:
         handle = block.register_forward_hook(hook)
 
         def step(ids, mask):
-            logits = model(input_ids=ids, attention_mask=mask.long()).logits
-            _loss(logits, ids, mask.bool()).backward()
+            from gradsae.model.objectives import evaluate_hidden
+
+            mask = mask.bool()
+            pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            kw = dict(input_ids=ids, attention_mask=mask.long(), position_ids=pos)
+            if head is not None:
+                hidden = head.body(**kw).last_hidden_state
+                evaluate_hidden("loss", head, hidden, ids, mask).sum().backward()
+            else:
+                _loss(model(**kw).logits, ids, mask).backward()
             if args.child == "dense":
                 z = zs.pop()
                 s = (z.grad * z).detach()
@@ -193,7 +212,7 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=32768)
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--layer", type=int, default=6)
-    ap.add_argument("--variants", default="floor,gradsae,dense")
+    ap.add_argument("--variants", default="floor,gradsae,dense,floor-logits")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the fastest of each variant counts")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu-corpus.json"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

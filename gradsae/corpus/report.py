@@ -57,19 +57,25 @@ def latents_arrow(stats: LatentStats, examples: TopExamples, tokenizer=None):
     filled = (examples.doc >= 0).cpu()
     rows, cols_ = filled.nonzero(as_tuple=True)  # row-major: latent, then rank (best first)
     c = examples.context
-    ctx = examples.ctx.cpu()[rows, cols_].tolist()
+    # a token position is among the top examples of several latents: decode each distinct
+    # context window once
+    windows, which = torch.unique(examples.ctx.cpu()[rows, cols_], dim=0, return_inverse=True)
+    ctx = windows.tolist()
     decode = _decoder(tokenizer)
     left = decode([[t for t in x[:c] if t >= 0] for x in ctx])
     right = decode([[t for t in x[c + 1:] if t >= 0] for x in ctx])
     centers = [x[c] for x in ctx]
     uniq = sorted(set(centers))
     piece = dict(zip(uniq, decode([[t] for t in uniq])))
-    token = [piece[t] for t in centers]
-    context = [f"{a}[[{m}]]{b}" for a, m, b in zip(left, token, right)]
+    tokens = [piece[t] for t in centers]
+    contexts = [f"{a}[[{m}]]{b}" for a, m, b in zip(left, tokens, right)]
+    which = which.numpy()
+    token = pa.array(tokens, pa.string()).take(which)
+    context = pa.array(contexts, pa.string()).take(which)
     struct = pa.StructArray.from_arrays(
         [pa.array(examples.doc.cpu()[rows, cols_].numpy()), pa.array(examples.pos.cpu()[rows, cols_].numpy()),
          pa.array(examples.score.cpu()[rows, cols_].numpy()), pa.array(examples.act.cpu()[rows, cols_].numpy()),
-         pa.array(token, pa.string()), pa.array(context, pa.string())],
+         token, context],
         names=["doc", "pos", "score", "act", "token", "context"])
     offsets = np.concatenate([[0], np.cumsum(filled.sum(1).numpy())]).astype(np.int32)
     table = pa.table(cols)
@@ -102,7 +108,7 @@ def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20) -
     FigureCanvasAgg(fig)
     ax = fig.subplots(1, 3)
     if active.any():
-        ax[0].scatter(freq, mean_score, s=3, alpha=0.5)
+        ax[0].plot(freq, mean_score, "o", ms=1.5, alpha=0.5, ls="")  # draws ~10x faster than scatter
         ax[0].set_xscale("log")
         ax[0].axhline(0, color="grey", lw=0.5)
         ax[1].hist(mean_score, bins=80, log=True)

@@ -91,15 +91,17 @@ class _ChunkedNLL(torch.autograd.Function):
                 t = torch.tanh(lg / head.softcap)
                 lg = t * head.softcap
             tgt = targets[s:e, None].to(lg.device)
-            lse = torch.logsumexp(lg, -1)
             w = weights[s:e].to(lg.device, acc)
-            nll = lse - lg.gather(-1, tgt).squeeze(-1)
+            picked = lg.gather(-1, tgt).squeeze(-1)
+            top = lg.amax(-1, keepdim=True)
+            p = lg.sub_(top).exp_()  # unnormalised softmax, in place of the logits
+            tot = p.sum(-1)
+            nll = top.squeeze(-1) + tot.log() - picked
             y.index_add_(0, rows[s:e].to(y.device), (nll * w).to(y.device))
             if grad is None:
                 continue
-            p = lg.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place of the logits
-            p.scatter_add_(-1, tgt, torch.full_like(tgt, -1, dtype=p.dtype))
-            p.mul_(w.unsqueeze(-1))
+            p.mul_((w / tot).unsqueeze(-1))  # w * softmax
+            p.scatter_add_(-1, tgt, -w.unsqueeze(-1))  # w * (softmax - onehot)
             if head.softcap:
                 p.mul_(1 - t * t)
             grad[s:e] = (p.to(raw.dtype) @ W).to(grad.device)
