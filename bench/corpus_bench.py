@@ -215,6 +215,7 @@ def main() -> None:
     ap.add_argument("--variants", default="floor,gradsae,dense,floor-logits")
     ap.add_argument("--repeat", type=int, default=2, help="interleaved rounds; the fastest of each variant counts")
     ap.add_argument("--out", default=str(HERE / "results" / "cpu-corpus.json"))
+    ap.add_argument("--note", default="", help="how the machine was during the run (recorded with the results)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--outdir", default=None, help=argparse.SUPPRESS)
@@ -261,6 +262,10 @@ def main() -> None:
         summary["cpu_time_vs_floor"] = results["gradsae"]["cpu_seconds"] / results["floor"]["cpu_seconds"]
         summary["loop_time_vs_floor"] = results["gradsae"]["loop_seconds"] / results["floor"]["seconds"]
         summary["target_time_vs_floor_max"] = 1.25
+    if {"floor", "floor-logits"} <= set(results):  # what the split output head saves the model's part
+        summary["floor_logits_vs_floor_time"] = results["floor-logits"]["seconds"] / results["floor"]["seconds"]
+        summary["floor_logits_vs_floor_peak_above_model"] = (results["floor-logits"]["peak_above_base_mib"]
+                                                             / results["floor"]["peak_above_base_mib"])
     if {"dense", "gradsae"} <= set(results):
         summary["throughput_vs_dense"] = results["gradsae"]["tokens_per_s"] / results["dense"]["tokens_per_s"]
         summary["cpu_throughput_vs_dense"] = results["dense"]["cpu_seconds"] / results["gradsae"]["cpu_seconds"]
@@ -277,7 +282,7 @@ def main() -> None:
                   "batch_tokens": args.batch_tokens, "objective": "loss", "mode": "splice"},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "gradsae": gradsae.__version__,
-                    "note": "shared development machine: other processes ran on the same cores"},
+                    "note": args.note},
         "results": results,
         "all_rounds": runs,
         "summary": summary,
