@@ -177,3 +177,43 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_accounting(setup):
     assert not torch.equal(a.stats.abs_sum, b.stats.abs_sum)  # autocast was in effect
     rel = (a.stats.abs_sum - b.stats.abs_sum).abs().sum() / a.stats.abs_sum.sum()
     assert rel < 0.25
+
+
+def test_corpus_is_streamed_not_read_ahead(setup):
+    """Each batch is attributed having read only a bounded window of the corpus ahead of it
+    (the tokeniser's chunk), never the whole corpus: memory does not grow with its length."""
+    from gradsae.corpus.data import ListCorpus
+
+    ahead_max = 128  # documents: two of the tokeniser's chunks of 64
+
+    model, sae, tok, _ = setup
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(tm.WORDS) for _ in range(rng.randint(2, 10))) for _ in range(3 * ahead_max)]
+
+    class Counting(ListCorpus):
+        pulled = 0
+
+        def records(self, start: int = 0):
+            for i, d in super().records(start):
+                Counting.pulled = i + 1
+                yield i, d
+
+    seen = []  # (records read, highest document in the batch) at each batch's forward
+    layer = tm.layer_module(model, LAYER)
+
+    def note(mod, args):
+        seen.append(Counting.pulled)
+
+    h = layer.register_forward_pre_hook(note)
+    try:
+        res = gradsae.score_corpus(model, sae, Counting(docs), hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok,
+                                   max_length=L, batch_tokens=64, progress=False)
+    finally:
+        h.remove()
+    assert res.meta["documents"] == len(docs) and len(seen) == res.meta["batches"] > 30
+    # the first batches run before the corpus beyond the first tokeniser chunks has been read
+    assert seen[0] <= ahead_max
+    # and the read position advances with the batches, never far ahead of them
+    per_batch = len(docs) / len(seen)
+    ahead = [r - (i + 1) * per_batch for i, r in enumerate(seen)]
+    assert max(ahead) <= ahead_max, max(ahead)
