@@ -23,7 +23,9 @@ def _torchrun():
     return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
 
 
-def test_torchrun_two_processes_equal_single_process(tmp_path):
+def _run_case(tmp_path, launch):
+    """Score a small corpus with the processes ``launch(common_args, env)`` starts (a list of
+    Popen), then compare with the same run in this process."""
     seed = int(torch.randint(0, 2**30, ()).item())
     rng = random.Random(seed)
     model = tm.model("gpt2", d=32, layers=2, seed=seed, scale=3.0)
@@ -36,15 +38,17 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     data.write_text("\n".join(json.dumps({"body": " ".join(rng.choice(tm.WORDS) for _ in range(rng.randint(0, 30)))})
                               for _ in range(30)) + "\n")
     out = tmp_path / "dist"
-    args = ["--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"), "--hook", HOOK, "--data", str(data),
-            "--field", "body", "--max-length", "12", "--batch-tokens", "24", "--top-n", "3", "--context", "2",
-            "--out", str(out), "--device", "cpu"]
+    args = ["-m", "gradsae", "score", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"),
+            "--hook", HOOK, "--data", str(data), "--field", "body", "--max-length", "12", "--batch-tokens", "24",
+            "--top-n", "3", "--context", "2", "--out", str(out), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = _torchrun() + ["--nproc-per-node", "2", "--master-port", str(29500 + seed % 2000), "-m", "gradsae",
-                         "score", *args]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "over 2 process(es)" in p.stderr  # the summary line
+    procs = launch(args, env, 29500 + seed % 2000)
+    logs = []
+    for p in procs:
+        o, e = p.communicate(timeout=540)
+        logs.append(o[-2000:] + e[-3000:])
+    assert all(p.returncode == 0 for p in procs), "\n----\n".join(logs)
+    assert any("over 2 process(es)" in x for x in logs)  # the summary line
 
     # the same run in this process, on the model loaded as the CLI loads it (attention
     # implementation included) and with one thread, as each torchrun worker
@@ -72,3 +76,24 @@ def test_torchrun_two_processes_equal_single_process(tmp_path):
     for k in ("documents", "sequences", "batches"):
         assert meta[k] == ref.meta[k], k
     assert not (out / "checkpoint").exists()
+
+
+def _popen(cmd, env):
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_torchrun_two_processes_equal_single_process(tmp_path):
+    _run_case(tmp_path, lambda args, env, port: [
+        _popen(_torchrun() + ["--nproc-per-node", "2", "--master-port", str(port), *args], env)])
+
+
+def test_torchrun_two_nodes_through_rendezvous_equal_single_process(tmp_path):
+    """Two torchrun launchers, one process each, meeting through the c10d rendezvous as two
+    nodes would (here both on localhost)."""
+
+    def launch(args, env, port):
+        rdzv = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port + 2000}", "--rdzv-id", f"gradsae-test-{port}"]
+        return [_popen(_torchrun() + rdzv + args, env) for _ in range(2)]
+
+    _run_case(tmp_path, launch)
