@@ -101,6 +101,9 @@ def _kill_and_resume(tmp_path, seed, data, model, sae, tok):
     with pytest.raises(InputError, match="different settings.*batch_tokens"):
         gradsae.score_corpus(model, sae, data, tokenizer=tok, out=out, resume=True, **{**RUN, "batch_tokens": 48})
 
+    # what a kill in the middle of an atomic write leaves (the kill above may or may not have)
+    (ck.parent / f".{ck.name}.zz.tmp").write_bytes(b"partial")
+    (out / ".latents.parquet.zz.tmp").write_bytes(b"partial")
     res = gradsae.score_corpus(model, sae, data, tokenizer=tok, out=out, resume=True, checkpoint_every=1, **RUN)
     assert res.stats == ref.stats  # exact: counts, float64 sums, maxima, tokens
     assert res.examples == ref.examples
@@ -108,6 +111,7 @@ def _kill_and_resume(tmp_path, seed, data, model, sae, tok):
         assert res.meta[k] == ref.meta[k], k
     assert gradsae.LatentStats.load(out / "stats.safetensors") == ref.stats
     assert not (out / "checkpoint").exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(gradsae.corpus.report.OUTPUT_FILES)
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):

@@ -119,6 +119,17 @@ def _clear(out: Path) -> None:
         shutil.rmtree(out / "checkpoint")
 
 
+def _drop_leftovers(out: Path) -> None:
+    """After a finished run: the checkpoint directory (every rank has removed its checkpoint;
+    what remains are temporary files of writes a kill interrupted) and such temporary files of
+    the outputs."""
+    if (out / "checkpoint").is_dir():
+        shutil.rmtree(out / "checkpoint")
+    for name in OUTPUT_FILES:
+        for p in out.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
 def _config_diff(a: dict, b: dict) -> list[str]:
     keys = (set(a) | set(b)) - set(_VOLATILE)
     return sorted(k for k in keys if a.get(k) != b.get(k))
@@ -347,8 +358,8 @@ def _run(model, sae, corpus, ctx: D.DistContext, t_start: float, a: dict) -> Cor
         if ck_file is not None and ck_file.is_file():
             ck_file.unlink()
         D.barrier(ctx)
-        if ctx.is_main and (out / "checkpoint").is_dir() and not any((out / "checkpoint").iterdir()):
-            (out / "checkpoint").rmdir()
+        if ctx.is_main:
+            _drop_leftovers(out)
     if a["progress"] and ctx.is_main:
         print(f"gradsae score: {stats.tokens:,} tokens from {counts['documents']:,} documents "
               f"({n_records - counts['documents']:,} skipped: empty or too short) in {elapsed:,.1f} s, "
