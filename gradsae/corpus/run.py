@@ -115,8 +115,7 @@ def _clear(out: Path) -> None:
         p = out / name
         if p.is_file():
             p.unlink()
-    if (out / "checkpoint").is_dir():
-        shutil.rmtree(out / "checkpoint")
+    _drop_leftovers(out)
 
 
 def _drop_leftovers(out: Path) -> None:
