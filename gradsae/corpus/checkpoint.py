@@ -11,12 +11,10 @@ never a torn one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-
 from ..errors import InputError
-from ..fsutil import atomic_write, atomic_write_text  # noqa: F401  (re-exported for report.py)
+from ..fsutil import atomic_write
 from ..stats import SUM_FIELDS, LatentStats
 from .examples import TopExamples
 

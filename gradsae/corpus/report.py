@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..fsutil import atomic_write, atomic_write_text
 from ..stats import LatentStats
-from .checkpoint import atomic_write, atomic_write_text
 from .examples import TopExamples
 
 OUTPUT_FILES = ("stats.safetensors", "examples.safetensors", "latents.parquet", "report.png", "meta.json")

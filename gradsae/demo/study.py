@@ -144,7 +144,7 @@ def plot(res: DemoResult, path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no GUI, no global state
     from matplotlib.figure import Figure
 
-    from ..corpus.checkpoint import atomic_write
+    from ..fsutil import atomic_write
 
     fig = Figure(figsize=(7.2, 4.2))
     FigureCanvasAgg(fig)

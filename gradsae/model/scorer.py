@@ -17,10 +17,10 @@ import torch
 from ..errors import InputError
 from ..influence import Influence
 from . import objectives as _obj
+from .head import split_head
 from .hooks import resolve_hook
 from .interventions import Intervention
 from .results import PromptScores, ScoreResult
-from .head import split_head
 from .splice import MODES, Recorder, Splice
 
 REDUCES = ("mean", "sum", "last")
