@@ -85,7 +85,7 @@ def assert_same_scores(hf, other, sae, ids, mask, atol_rel, rtol, **kw):
 
 
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
-                                  "blocks.1.hook_attn_out"])
+                                  "blocks.1.hook_attn_out", "blocks.1.attn.hook_z"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("mode", ["splice", "error"])
 def test_hooked_transformer_scores_equal_hf_scores(models, hook, padding, mode):

@@ -271,3 +271,39 @@ def test_normalising_sae_matches_float64_oracle(normalize, rescale):
     assert torch.allclose(attr.objective.sum(), loss.detach(), rtol=1e-12, atol=0)
     orc = dense_oracle(sae, seen["x"], seen["y"].grad)
     assert_matches_oracle(attr.influence, orc, sae, atol=1e-9, rtol=1e-7)
+
+
+# the attention output projection of layer L, written out per architecture (independently of
+# gradsae's hook resolution): its input is hook_z with the heads flattened
+Z_PROJ = {
+    "gpt2": lambda m, L: m.transformer.h[L].attn.c_proj,
+    "llama": lambda m, L: m.model.layers[L].self_attn.o_proj,
+    "gpt_neox": lambda m, L: m.gpt_neox.layers[L].attention.dense,
+    "gemma2": lambda m, L: m.model.layers[L].self_attn.o_proj,
+    "qwen3": lambda m, L: m.model.layers[L].self_attn.o_proj,
+}
+
+
+@pytest.mark.parametrize("arch", sorted(Z_PROJ))
+def test_hook_z_scores_match_dense_recipe(arch):
+    m, sae, tok = setup(arch)
+    layer = 1
+    ids = ids_of(tok, PROMPTS[1])
+    zs = []
+
+    def pre(mod, args):
+        z = tm.dense_encode(sae, args[0].detach()).requires_grad_(True)
+        z.retain_grad()
+        zs.append(z)
+        return (tm.dense_decode(sae, z),) + tuple(args[1:])
+
+    h = Z_PROJ[arch](m, layer).register_forward_pre_hook(pre)
+    try:
+        m(ids[None]).logits[0, -1].softmax(-1).max().backward()
+    finally:
+        h.remove()
+        m.zero_grad(set_to_none=True)
+    ref = (zs[0].grad * zs[0])[0].relu().mean(0).detach()
+    assert ref.abs().max() > 0
+    got = GradSAE(m, sae, hook=f"blocks.{layer}.attn.hook_z", tokenizer=tok).score(ids, objective="predicted_prob")
+    assert_close(got.scores, ref, 1e-9)

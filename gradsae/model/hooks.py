@@ -11,6 +11,9 @@ Llama, Mistral, Qwen2/3, Gemma-2/3 and anything laid out like them):
 - ``blocks.{L}.hook_attn_out`` / ``hook_mlp_out``: what the attention / MLP sub-block adds to the
   residual stream (for Gemma-2/3, after the post-attention / post-feedforward norm, as
   TransformerLens defines it);
+- ``blocks.{L}.attn.hook_z``: the attention heads' outputs before the output projection, heads
+  flattened into one vector of ``n_heads * d_head`` (the input of ``o_proj`` / ``c_proj`` /
+  ``dense``), which is how attention-output SAEs are trained;
 - a module path of the model (``model.layers.3.mlp``), or one relative to its base model, as
   sparsify names its hookpoints (``layers.3``, ``h.3``): the module's output. This also resolves
   hook modules named like ``blocks.9.hook_resid_post`` on models that have them.
@@ -28,8 +31,8 @@ import torch
 
 from ..errors import InputError
 
-TL_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
-_TL_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(TL_KINDS) + r")$")
+TL_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_z")
+_TL_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(k.replace(".", r"\.") for k in TL_KINDS) + r")$")
 
 # Decoder-layer containers, tried in order (relative to the top-level model).
 _LAYER_PATHS = (
@@ -54,6 +57,7 @@ _MLP_OUT = {
     "gemma3_text": ("post_feedforward_layernorm",),
 }
 _ATTN_DEFAULT = ("self_attn", "attn", "attention", "self_attention")
+_ATTN_PROJ = ("o_proj", "c_proj", "dense", "out_proj")  # the attention's output projection
 _MLP_DEFAULT = ("mlp", "feed_forward", "ffn")
 
 
@@ -172,6 +176,8 @@ def valid_names(model) -> list[str]:
                 continue
             if kind == "hook_mlp_out" and _mlp_name(model, layer) is None:
                 continue
+            if kind == "attn.hook_z" and _z_point(layer) is None:
+                continue
             out.append(f"blocks.{i}.{kind}")
     return out
 
@@ -182,6 +188,24 @@ def _attn_name(model, layer):
 
 def _mlp_name(model, layer):
     return _sub(layer, _MLP_OUT.get(model_type(model), _MLP_DEFAULT))
+
+
+def _z_point(layer) -> tuple[str, torch.nn.Module, int | None] | None:
+    """``(path in the layer, projection module, its input width)`` of the attention's output
+    projection, whose input is hook_z with the heads flattened; None if not found."""
+    attn = _sub(layer, _ATTN_DEFAULT)
+    proj = _sub(getattr(layer, attn), _ATTN_PROJ) if attn is not None else None
+    if proj is None:
+        return None
+    m = getattr(getattr(layer, attn), proj)
+    w = getattr(m, "weight", None)
+    if isinstance(m, torch.nn.Linear):
+        width = m.in_features
+    elif isinstance(w, torch.Tensor) and w.dim() == 2 and type(m).__name__ == "Conv1D":  # GPT-2: [in, out]
+        width = w.shape[0]
+    else:
+        width = None
+    return f"{attn}.{proj}", m, width
 
 
 def _unknown(model, name, why: str) -> InputError:
@@ -227,6 +251,11 @@ def resolve_hook(model, name: str) -> HookPoint:
             return HookPoint(name, layer, lp, "output", d)
         if kind == "hook_resid_pre":
             return HookPoint(name, layer, lp, "input", d)
+        if kind == "attn.hook_z":
+            z = _z_point(layer)
+            if z is None:
+                raise _unknown(model, name, f"layer {layer_i} has no recognised attention output projection")
+            return HookPoint(name, z[1], f"{lp}.{z[0]}", "input", z[2])
         sub = _attn_name(model, layer) if kind == "hook_attn_out" else _mlp_name(model, layer)
         if sub is None:
             raise _unknown(model, name, f"layer {layer_i} has no recognised {kind[5:-4]} sub-module")

@@ -141,6 +141,10 @@ class Splice:
 
     # -- the computation
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() >= 4 and h.shape[-1] != self.sae.d_in and h.shape[-2] * h.shape[-1] == self.sae.d_in:
+            # per-head activations [B, T, heads, d_head] (TransformerLens hook_z): the SAE reads
+            # the heads flattened
+            return self(h.flatten(-2)).unflatten(-1, h.shape[-2:])
         if h.shape[-1] != self.sae.d_in:
             raise InputError(
                 f"the SAE's d_in={self.sae.d_in} does not match the width {h.shape[-1]} of the "
