@@ -118,6 +118,21 @@ def test_statistics_match_dense_reference(setup, tmp_path, mode):
     top = list(df["top_examples"][j])
     assert [(e["doc"], e["pos"]) for e in top] == [(r["doc"], r["pos"]) for r in res.examples.rows(j)]
     assert all("[[" in e["context"] for e in top)
+    # every example's decoded token and context, rebuilt from the document: +-2 tokens around
+    # the position, within the position's window of L tokens
+    def dec(t):
+        return tok.decode(t, skip_special_tokens=False)
+
+    checked = 0
+    for lat in range(DSAE):
+        for e in df["top_examples"][lat]:
+            ids = tok(docs[e["doc"]])["input_ids"]
+            p, start = e["pos"], (e["pos"] // L) * L
+            end = min(len(ids), start + L)
+            assert e["token"] == dec([ids[p]])
+            assert e["context"] == dec(ids[max(start, p - 2):p]) + f"[[{dec([ids[p]])}]]" + dec(ids[p + 1:min(end, p + 3)])
+            checked += 1
+    assert checked >= DSAE // 2
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"] and meta["tokens"] == n_tok and meta["hook"] == f"blocks.{LAYER}.hook_resid_post"
     assert meta["objective"] == "loss" and meta["mode"] == mode and meta["sae"]["d_sae"] == DSAE
