@@ -64,3 +64,30 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, w)
+
+
+def save_safetensors(tensors: dict, path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` to a safetensors file at ``path`` (a plain path; callers wrap it in
+    :func:`atomic_write`), byte for byte the same for the same tensors and metadata.
+
+    safetensors keeps the metadata in a hash map whose iteration order changes from process to
+    process, so two identical runs would write files that differ in their header. The header is
+    rewritten here with the metadata keys sorted; its length, and so every tensor offset, is
+    unchanged (reordering keys of a JSON object does not change its length).
+    """
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n].decode("utf-8"))
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > n:  # pragma: no cover - serde and json escape alike; keep the original then
+            text = raw[8 : 8 + n]
+        raw = raw[:8] + text.ljust(n, b" ") + raw[8 + n :]
+    with open(path, "wb") as f:
+        f.write(raw)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .fsutil import atomic_write
+from .fsutil import atomic_write, save_safetensors
 
 SUM_FIELDS = ("act_sum", "score_sum", "relu_sum", "abs_sum")
 FORMAT = "gradsae.LatentStats"
@@ -145,12 +145,10 @@ class LatentStats:
     # ------------------------------------------------------------------ I/O
     def save(self, path) -> None:
         """Write to a safetensors file atomically (a temporary file renamed into place)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.to_dict().items()}
         meta = {"format": FORMAT, "version": str(VERSION), "tokens": str(self.tokens), "d_sae": str(self.d_sae)}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))
 
     @classmethod
     def load(cls, path, device: torch.device | str = "cpu") -> "LatentStats":

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, save_safetensors
 from ..stats import SUM_FIELDS, LatentStats
 from .examples import TopExamples
 
@@ -28,12 +28,10 @@ def checkpoint_path(out, rank: int, world_size: int) -> Path:
 
 def save_checkpoint(path, stats: LatentStats, examples: TopExamples, state: dict) -> None:
     """Write one rank's checkpoint atomically."""
-    from safetensors.torch import save_file
-
     tensors = {"stats." + k: v.detach().cpu().contiguous() for k, v in stats.to_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()})
     meta = {"format": FORMAT, "version": str(VERSION), "state": json.dumps({**state, "tokens": stats.tokens})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))
 
 
 def load_checkpoint(path, device="cpu") -> tuple[LatentStats, TopExamples, dict]:
