@@ -18,7 +18,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from oracle import assert_matches_oracle, dense_oracle, random_sae
+from oracle import assert_matches_oracle, dense_oracle, random_sae, selection_tol
 
 import gradsae
 from gradsae.backends import Request, cuda_backend, get_backend
@@ -180,7 +180,8 @@ def test_influence_orchestration_matches_oracle(fake, activation, rescale, norma
     if activation != "topk" and dtype == torch.float32:  # bf16 moves values across the threshold
         assert out.K == max(1, int((orc["z"] != 0).sum(-1).max()))
     tol = 1e-4 if dtype == torch.float32 else 0.05
-    assert_matches_oracle(out, orc, sae, atol=tol, rtol=tol, set_tol=tol)
+    set_tol = tol if dtype == torch.float32 else selection_tol(sae, x, orc)
+    assert_matches_oracle(out, orc, sae, atol=tol, rtol=tol, set_tol=set_tol)
     enc = [c for c in fake.calls if c[0] == "encode"]
     assert enc and all(c[5] > 1 for c in enc)  # several d_sae splits planned for this GPU size
     assert all(c[6] == 32 for c in enc)  # 64-row tiles need more shared memory than this GPU has
