@@ -1,37 +1,45 @@
 # gradsae: `make demo` sets up and runs the demo, `make test` sets up and runs the tests.
-# Both build .venv from nothing (pinned through constraints.txt) on first use.
+# Both build .venv from nothing (pinned through constraints.txt) on first use: the demo
+# installs the package and what the demo needs; the tests add Triton, pytest and the
+# libraries whose SAEs and models gradsae accepts (SAELens, sparsify, TransformerLens).
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.gradsae-installed
+BASE   := $(VENV)/.gradsae-base
+FULL   := $(VENV)/.gradsae-test
 PIP    := $(BIN)/python -m pip install -c constraints.txt
 
 .PHONY: setup test test-gpu build-cuda bench demo clean
 
-$(STAMP): setup.py pyproject.toml constraints.txt
+$(BASE): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade "pip>=23" setuptools wheel pybind11
-	$(PIP) torch==2.13.0 triton==3.7.1
-	$(PIP) --no-build-isolation -e ".[test,report,compat]"
-	touch $(STAMP)
+	$(PIP) --upgrade "pip>=23" setuptools wheel
+	$(PIP) torch==2.13.0
+	$(PIP) --no-build-isolation -e ".[demo]"
+	touch $(BASE)
 
-setup: $(STAMP)
+$(FULL): $(BASE)
+	$(PIP) triton==3.7.1 pybind11
+	$(PIP) --no-build-isolation -e ".[demo,report,test,compat]"
+	touch $(FULL)
 
-test: $(STAMP)
+setup: $(FULL)
+
+test: $(FULL)
 	$(BIN)/python -m pytest -q
 
 # On a GPU machine: build the CUDA extension (gradsae._C) into the venv, then run the GPU tests.
-build-cuda: $(STAMP)
+build-cuda: $(FULL)
 	GRADSAE_BUILD_CUDA=1 $(PIP) --no-build-isolation -e .
 
-test-gpu: $(STAMP)
+test-gpu: $(FULL)
 	$(BIN)/python -m pytest -q -m gpu
 
-bench: $(STAMP)
+bench: $(FULL)
 	$(BIN)/python bench/run.py
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/gradsae demo
 
 clean:

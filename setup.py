@@ -11,12 +11,16 @@ variable is unset and both nvcc and a CUDA build of torch are present (``=0`` ne
 
 import os
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 packages = find_packages(include=["gradsae", "gradsae.*"])
 packages += ["gradsae.kernels"] + [
     "gradsae.kernels." + p for p in find_packages(where="kernels")
 ]
+# The bundled demo weights: folders of data files, declared as (namespace) packages so that
+# setuptools ships them on purpose.
+data_packages = find_namespace_packages(include=["gradsae.data", "gradsae.data.*"])
+packages += [p for p in data_packages if p not in packages]
 
 
 def _want_cuda() -> bool:
@@ -55,7 +59,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"gradsae": "gradsae", "gradsae.kernels": "kernels"},
-    package_data={"gradsae": ["data/**/*"]},
+    package_data={p: ["*"] for p in data_packages},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,
@@ -65,11 +69,18 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "transformers>=4.40",
-        "triton>=3.0; platform_system == 'Linux'",
+        # latents.parquet is a run's main output
+        "pyarrow>=12",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout", "datasets"],
-        "report": ["pandas", "pyarrow", "matplotlib"],
+        # The Triton backend. A CUDA build of torch brings Triton with it; a CPU torch runs the
+        # kernels only in Triton's interpreter (the tests do), so it is not a core dependency.
+        "triton": ["triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest>=7", "pytest-benchmark", "pytest-timeout", "datasets",
+                 "triton>=3.0; platform_system == 'Linux'"],
+        # matplotlib draws report.png and the demo's plot; pandas serves latents_frame()
+        "demo": ["matplotlib"],
+        "report": ["pandas", "matplotlib"],
         "data": ["datasets"],
         # Libraries whose SAEs / models gradsae accepts as live objects (SAE.from_object,
         # GradSAE on a HookedTransformer); their tests skip without them. dictionary-learning
