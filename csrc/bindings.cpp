@@ -28,6 +28,8 @@ std::string compiled_archs() {
 
 int cuda_runtime_version() { return CUDART_VERSION; }
 
+void register_stream(py::module_& m);  // stream_bindings.cpp
+
 }  // namespace gradsae
 
 template <typename T>
@@ -121,4 +123,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("stream"), py::arg("j"), py::arg("acts"), py::arg("scores"), py::arg("m"),
       py::arg("count"), py::arg("act_sum"), py::arg("score_sum"), py::arg("relu_sum"), py::arg("abs_sum"),
       py::arg("score_max"), "deterministic LatentStats update from entries sorted by latent");
+
+  register_stream(m);
 }

@@ -58,18 +58,19 @@ def chunk_dtype(in_dtype: torch.dtype, out_dtype=None) -> torch.dtype:
 
 def plan(n: int, d_sae: int, elem_bytes: int, budget: int) -> tuple[int, int]:
     """(rows per block, columns per chunk) with ``rows * cols * elem_bytes <= budget`` where
-    possible. All rows go in one block unless that leaves fewer than 1024 columns a chunk
-    (every block of rows reads all of W_enc once, so row blocks are the last resort);
-    columns are a multiple of COL_GRANULE unless the chunk is all of d_sae."""
+    possible. All rows go in one block while that leaves at least COL_GRANULE columns a chunk
+    (every block of rows reads all of W_enc once, so row blocks are the last resort); then
+    blocks of rows with 4 * COL_GRANULE columns. Columns are a multiple of COL_GRANULE unless
+    the chunk is all of d_sae."""
     n = max(n, 1)
-    min_cols = min(d_sae, 4 * COL_GRANULE)
     cols = budget // (n * elem_bytes)
     if cols >= d_sae:
         return n, d_sae
-    if cols >= min_cols:
-        return n, max(COL_GRANULE, cols // COL_GRANULE * COL_GRANULE)
-    rows = max(1, budget // (min_cols * elem_bytes))
-    return min(rows, n), min_cols
+    if cols >= COL_GRANULE:
+        return n, cols // COL_GRANULE * COL_GRANULE
+    cols = min(d_sae, 4 * COL_GRANULE)
+    rows = max(1, budget // (cols * elem_bytes))
+    return min(rows, n), cols
 
 
 _MM_OUT_DTYPE: bool | None = None

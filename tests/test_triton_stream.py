@@ -70,12 +70,13 @@ def test_plan_respects_budget_and_granule():
     assert chunked.plan(8192, 131072, 2, 256 << 20) == (8192, 16384)
     assert chunked.plan(8192, 131072, 4, 256 << 20) == (8192, 8192)
     assert chunked.plan(10, 500, 4, 1 << 30) == (10, 500)        # all of d_sae in one chunk
+    assert chunked.plan(18, 700, 4, 18 * 256 * 4) == (18, 256)   # three chunks, the last partial
     rows, cols = chunked.plan(1 << 20, 131072, 2, 256 << 20)     # too many rows: row blocks
     assert cols == 1024 and rows * cols * 2 <= 256 << 20
     for n, d, b in ((18, 700, 18 * 256 * 4), (1000, 70001, 5 << 20), (7, 3000, 100)):
         rows, cols = chunked.plan(n, d, 4, b)
         assert cols == d or cols % chunked.COL_GRANULE == 0
-        assert rows * cols * 4 <= b or cols == min(d, 4 * chunked.COL_GRANULE)
+        assert rows * cols * 4 <= b or rows == 1
 
 
 def _exact(P, bias, scale):
@@ -159,6 +160,7 @@ def test_row_blocks_and_one_chunk_agree():
     sae = random_sae(d_in, d_sae, "topk", k=k, device=DEV)
     x, g = random_inputs((37,), d_in, DEV)
     small = chunked_influence(sae, x, g, budget=1024 * 4 * 5)   # 5 rows x 1024 columns a block
+    assert chunked.plan(37, d_sae, 4, 1024 * 4 * 5) == (5, 1024)
     big = chunked_influence(sae, x, g, budget=1 << 30)
     assert torch.equal(small.indices, big.indices)
     torch.testing.assert_close(small.acts, big.acts)
