@@ -20,7 +20,8 @@ type), and folds it here, in one read of the chunk, into
   program owns a row) and counts every hit, also past ``cap``, so an overflow is exact.
 
 NaN: a NaN value never passes a compare, so it is never selected (the rule of every backend).
-Extra memory: ``T x KP`` keys and a ``T x QCAP`` queue (top-k), or the ``T x cap`` slots.
+Extra memory: ``T x KP`` keys and a ``T x (BN + 2 QC)`` queue (top-k; 42 MB at T=8192 with
+the GPU's 512-column tiles), or the ``T x cap`` slots.
 """
 
 from __future__ import annotations
@@ -31,36 +32,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import EMPTY, EMPTY_KEY, merge_running_topk, pack_keys, unpack_keys
+from .topk import EMPTY, EMPTY_KEY, kth_bar, merge_queue, queue_hits, unpack_keys
 from .tuning import interpreting, next_pow2
 
 MAX_K = 256
 
 
 @triton.jit
-def _kth_value(best, K, KP: tl.constexpr):
-    """fp32 value of each row's K-th best key (``best`` sorted descending), 0 when empty."""
-    kk = tl.arange(0, KP)[None, :]
-    kth = tl.min(tl.where(kk < K, best, 0x7FFFFFFFFFFFFFFF), axis=1)
-    hi = (kth >> 32).to(tl.int32)
-    val = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    return tl.where(kth == EMPTY_KEY, 0.0, tl.maximum(val, 0.0))
+def _tile_raw(prow, row_ok, t0, C, BN: tl.constexpr):
+    """The chunk's values of the tile at column t0 as stored (-inf past the chunk or N)."""
+    cols = t0 + tl.arange(0, BN)
+    return tl.load(prow + cols[None, :], mask=row_ok[:, None] & (cols < C)[None, :], other=float("-inf"))
 
 
 @triton.jit
-def _merge_queue(best, qrow, qn, KP: tl.constexpr, QC: tl.constexpr):
-    """``best`` merged with the first ``qn`` keys of every row's queue, QC keys per step."""
-    chunk = tl.arange(0, QC)[None, :]
-    for q0 in range(0, tl.max(qn, axis=0), QC):
-        q = tl.load(qrow + q0 + chunk, mask=(q0 + chunk) < qn[:, None], other=EMPTY_KEY)
-        best = merge_running_topk(best, q, KP)
-    return best
-
-
-@triton.jit
-def _tile_values(prow, BIAS, SCALE, c0, cols, col_ok, ok, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
-    """fp32 selection values ``(P + bias) * scale`` of one tile; masked entries are -inf."""
-    v = tl.load(prow + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+def _tile_values(raw, BIAS, SCALE, c0, cols, col_ok, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """fp32 selection values ``(P + bias) * scale`` of one tile; masked entries stay -inf."""
+    v = raw.to(tl.float32)
     gc = c0 + cols
     if HAS_BIAS:
         v = v + tl.load(BIAS + gc, mask=col_ok, other=0.0)[None, :]
@@ -80,36 +68,23 @@ def _fold_topk_kernel(P, BIAS, SCALE, BEST, QUEUE, N, C, c0, K, stride_p,
     kk = tl.arange(0, KP)[None, :]
     best = tl.load(BEST + r64[:, None] * KP + kk, mask=row_ok[:, None], other=EMPTY_KEY)
     # rows past N get an infinite bar: they never hit
-    thr = tl.where(row_ok, _kth_value(best, K, KP), float("inf"))
+    bar = tl.where(row_ok, kth_bar(best, K, KP), float("inf"))
     qn = tl.zeros([BM], dtype=tl.int32)
-    qrow = QUEUE + r64[:, None] * QCAP
+    qbase = QUEUE + pid.to(tl.int64) * (BM * QCAP)
     prow = P + r64[:, None] * stride_p
+    raw = _tile_raw(prow, row_ok, 0, C, BN)
     for t0 in range(0, C, BN):
-        cols = t0 + tl.arange(0, BN)
-        col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        v = _tile_values(prow, BIAS, SCALE, c0, cols, col_ok, ok, HAS_BIAS, HAS_SCALE)
-        gc = c0 + cols
-        hit = (v > thr[:, None]) & ok
-        n_hit = tl.sum(hit.to(tl.int32), axis=1)
-        if tl.max(qn + n_hit, axis=0) > QCAP:
-            # the queue could overflow: merge it, which raises the bar, and filter again
-            best = _merge_queue(best, qrow, qn, KP, QC)
+        nxt = _tile_raw(prow, row_ok, t0 + BN, C, BN)  # the next tile's loads in flight meanwhile
+        # a queue that could not take a whole tile is merged first, which also raises the bar
+        if tl.max(qn, axis=0) > QCAP - BN:
+            best = merge_queue(best, qbase, qn, KP, QC, QCAP)
             qn = tl.zeros([BM], dtype=tl.int32)
-            thr = tl.where(row_ok, _kth_value(best, K, KP), float("inf"))
-            hit = (v > thr[:, None]) & ok
-            n_hit = tl.sum(hit.to(tl.int32), axis=1)
-        if tl.max(n_hit, axis=0) > QCAP:
-            # more hits than a queue holds (the first tiles of a row): merge the tile whole
-            keys = tl.where(hit, pack_keys(v, gc[None, :] + tl.zeros([BM, BN], dtype=tl.int32)), EMPTY_KEY)
-            best = merge_running_topk(best, keys, KP)
-            thr = tl.where(row_ok, _kth_value(best, K, KP), float("inf"))
-        elif tl.max(n_hit, axis=0) > 0:
-            hit_i = hit.to(tl.int32)
-            pos = tl.cumsum(hit_i, axis=1) - 1 + qn[:, None]
-            tl.store(qrow + pos, pack_keys(v, gc[None, :] + tl.zeros([BM, BN], dtype=tl.int32)), mask=hit)
-            qn = qn + n_hit
-    best = _merge_queue(best, qrow, qn, KP, QC)
+            bar = tl.where(row_ok, kth_bar(best, K, KP), float("inf"))
+        cols = t0 + tl.arange(0, BN)
+        v = _tile_values(raw, BIAS, SCALE, c0, cols, cols < C, HAS_BIAS, HAS_SCALE)
+        qn = queue_hits(v, c0 + cols, bar, qbase, qn, QCAP)
+        raw = nxt
+    best = merge_queue(best, qbase, qn, KP, QC, QCAP)
     tl.store(BEST + r64[:, None] * KP + kk, best, mask=row_ok[:, None])
 
 
@@ -124,14 +99,16 @@ def _fold_threshold_kernel(P, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N, C, c
     cnt = tl.load(COUNT + rows, mask=row_ok, other=0)
     prow = P + r64[:, None] * stride_p
     slot0 = r64[:, None] * CAP
+    raw = _tile_raw(prow, row_ok, 0, C, BN)
     for t0 in range(0, C, BN):
+        nxt = _tile_raw(prow, row_ok, t0 + BN, C, BN)  # the next tile's loads in flight meanwhile
         cols = t0 + tl.arange(0, BN)
         col_ok = cols < C
-        ok = row_ok[:, None] & col_ok[None, :]
-        v = _tile_values(prow, BIAS, SCALE, c0, cols, col_ok, ok, HAS_BIAS, HAS_SCALE)
+        v = _tile_values(raw, BIAS, SCALE, c0, cols, col_ok, HAS_BIAS, HAS_SCALE)
+        raw = nxt
         gc = c0 + cols
         t = tl.load(THR + gc, mask=col_ok, other=float("inf"))
-        hit = (v > t[None, :]) & ok
+        hit = (v > t[None, :]) & col_ok[None, :]
         hit_i = hit.to(tl.int32)
         n_hit = tl.sum(hit_i, axis=1)
         if tl.max(n_hit, axis=0) > 0:
@@ -144,29 +121,34 @@ def _fold_threshold_kernel(P, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N, C, c
     tl.store(COUNT + rows, cnt, mask=row_ok)
 
 
-def stream_config(kp: int, n: int, cols: int) -> dict:
+def stream_config(kp: int, n: int, cols: int, *, gpu: bool | None = None) -> dict:
     """Launch configuration of the fold kernels: rows per program ``BM``, tile width ``BN``,
     ``num_warps``. The kernels are memory-bound and their state is small, so one fixed
     choice per device class is used instead of an autotune (whose timing runs would fold a
     chunk into the state more than once). ``GRADSAE_STREAM_CONFIG=BM,BN,WARPS`` overrides it.
 
-    GPU: one row per program and 1024-column tiles read by 4 warps (8 values, one or two
-    16-byte loads, per thread); the interpreter: up to 32 rows and wide tiles (numpy is fast
-    per element and slow per operation)."""
+    GPU: one row per program and 1024-column tiles read by 4 warps (8 values a thread: one
+    16-byte load of bf16, two of fp32), the next tile's loads issued before the current one
+    is filtered; the interpreter: up to 32 rows and wide tiles
+    (numpy is fast per element and slow per operation). ``gpu`` forces one or the other."""
     env = os.environ.get("GRADSAE_STREAM_CONFIG", "").strip()
     if env:
         bm, bn, w = (int(s) for s in env.split(","))
         return {"BM": bm, "BN": max(bn, kp), "num_warps": w}
-    if interpreting() or not torch.cuda.is_available():
+    if gpu is None:
+        gpu = not interpreting() and torch.cuda.is_available()
+    if not gpu:
         return {"BM": min(32, next_pow2(max(n, 1))), "BN": max(kp, min(256, next_pow2(max(cols, 1)))), "num_warps": 1}
     return {"BM": 1, "BN": max(1024, kp), "num_warps": 4}
 
 
-def queue_sizes(kp: int) -> tuple[int, int]:
+def queue_sizes(kp: int, bn: int) -> tuple[int, int]:
     """(QC keys merged per step, QCAP queue keys per row). QC >= KP (the merge network needs
-    a block at least as wide as the running top-k); the queue holds four steps."""
+    a block at least as wide as the running top-k); the queue takes a whole tile after a
+    merge (so no tile is ever merged whole, whose network would cost registers everywhere)
+    plus two steps."""
     qc = max(kp, 64)
-    return qc, 4 * qc
+    return qc, bn + 2 * qc
 
 
 class StreamTopK:
@@ -179,9 +161,8 @@ class StreamTopK:
             raise ValueError(f"k={k} is outside 1..{MAX_K}")
         self.n, self.k = int(n), int(k)
         self.kp = max(2, next_pow2(k))
-        self.qc, self.qcap = queue_sizes(self.kp)
         self.best = torch.full((self.n, self.kp), EMPTY, dtype=torch.int64, device=device)
-        self.queue = torch.empty((max(self.n, 1), self.qcap), dtype=torch.int64, device=device)
+        self.queue = None  # [n, QCAP] keys, allocated at the first fold (QCAP depends on the tile)
         self.bias = None if bias is None else bias.to(torch.float32).contiguous()
         self.scale = None if scale is None else scale.to(torch.float32).contiguous()
         self.next_col = 0
@@ -201,12 +182,16 @@ class StreamTopK:
         if chunk.stride(1) != 1:
             chunk = chunk.contiguous()
         cfg = self.config or stream_config(self.kp, n, C)
+        qc, qcap = queue_sizes(self.kp, cfg["BN"])
+        rows = triton.cdiv(n, cfg["BM"]) * cfg["BM"]  # a program's block of queue rows
+        if self.queue is None or self.queue.shape[1] != qcap or self.queue.shape[0] < rows:
+            self.queue = torch.empty((rows, qcap), dtype=torch.int64, device=chunk.device)
         dummy = self.best
         _fold_topk_kernel[(triton.cdiv(n, cfg["BM"]),)](
             chunk, self.bias if self.bias is not None else dummy, self.scale if self.scale is not None else dummy,
             self.best, self.queue, n, C, c0, self.k, chunk.stride(0),
-            HAS_BIAS=self.bias is not None, HAS_SCALE=self.scale is not None, KP=self.kp, QCAP=self.qcap,
-            QC=self.qc, BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+            HAS_BIAS=self.bias is not None, HAS_SCALE=self.scale is not None, KP=self.kp, QCAP=self.queue.shape[1],
+            QC=qc, BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,3 +242,29 @@ class StreamThreshold:
         latent order; a row with ``counts > cap`` overflowed (its slots hold its first
         ``cap`` active latents)."""
         return self.val, self.idx, self.count.to(torch.int64)
+
+
+# ---------------------------------------------------------------------------- ahead of time
+def aot_spec_topk(cfg: dict, kp: int, p: str):
+    """The top-k fold in launch configuration ``cfg`` for a chunk of type ``p`` (``*bf16``)
+    at the target shape, for :mod:`.aot`."""
+    from .aot import Spec
+
+    qc, qcap = queue_sizes(kp, cfg["BN"])
+    sig = {"P": p, "BIAS": "*fp32", "SCALE": "*fp32", "BEST": "*i64", "QUEUE": "*i64", "N": "i32", "C": "i32",
+           "c0": "i32", "K": "i32", "stride_p": "i32"}
+    const = dict(HAS_BIAS=True, HAS_SCALE=True, KP=kp, QCAP=qcap, QC=qc, BM=cfg["BM"], BN=cfg["BN"])
+    sig.update({name: "constexpr" for name in const})
+    return Spec("stream_topk", _fold_topk_kernel, sig, const, cfg["num_warps"], 1,
+                divisible=("N", "C", "c0", "K", "stride_p"), meta=dict(KP=kp, BM=cfg["BM"], BN=cfg["BN"], dtype=p))
+
+
+def aot_spec_threshold(cfg: dict, p: str):
+    from .aot import Spec
+
+    sig = {"P": p, "BIAS": "*fp32", "SCALE": "*fp32", "THR": "*fp32", "OUT_IDX": "*i64", "OUT_VAL": "*fp32",
+           "COUNT": "*i32", "N": "i32", "C": "i32", "c0": "i32", "CAP": "i32", "stride_p": "i32"}
+    const = dict(HAS_BIAS=True, HAS_SCALE=True, BM=cfg["BM"], BN=cfg["BN"])
+    sig.update({name: "constexpr" for name in const})
+    return Spec("stream_threshold", _fold_threshold_kernel, sig, const, cfg["num_warps"], 1,
+                divisible=("N", "C", "c0", "CAP", "stride_p"), meta=dict(BM=cfg["BM"], BN=cfg["BN"], dtype=p))
