@@ -30,17 +30,19 @@ def _encoder_input(sae, x):
     return a, sae.b_enc.float(), state.row_scale
 
 
-def chunked_influence(sae, x, g, k=None, budget=None, out_dtype=None):
-    """Influence through the chunked strategy: streaming selection + the gather-dot."""
+def chunked_influence(sae, x, g, k=None, budget=None, out_dtype=None, kernels=None):
+    """Influence through the chunked strategy: streaming selection (``kernels``: the Triton
+    folds by default) + the gather-dot."""
+    kernels = kernels or stream_select
     x2, g2 = x.reshape(-1, sae.d_in), g.reshape(-1, sae.d_in)
     a, bias, row_scale = _encoder_input(sae, x2)
     dec_norm = sae.decoder_norm().float() if sae.rescale_acts_by_decoder_norm else None
     if sae.activation == "topk":
-        acts, idx = chunked.topk(a, sae.W_enc, bias, k or sae.k, dec_norm, stream_select, budget=budget,
+        acts, idx = chunked.topk(a, sae.W_enc, bias, k or sae.k, dec_norm, kernels, budget=budget,
                                  out_dtype=out_dtype)
     else:
         thr = sae.selection_threshold().float()
-        acts, idx, counts = chunked.threshold(a, sae.W_enc, bias, thr, sae.d_sae, dec_norm, stream_select,
+        acts, idx, counts = chunked.threshold(a, sae.W_enc, bias, thr, sae.d_sae, dec_norm, kernels,
                                               budget=budget, out_dtype=out_dtype)
         K = max(1, int(counts.max()))
         acts, idx = acts[:, :K], idx[:, :K]

@@ -1,0 +1,71 @@
+"""One NaN rule for every backend: a NaN pre-activation is never selected. It counts as an
+inactive latent (as if its value were -inf): it never takes a top-k slot from a real value
+and never passes a threshold. The op rejects NaN inputs by default (check_finite=True), but
+NaN weights, or check_finite=False, still produce NaN pre-activations.
+
+Checked here on every backend that runs without a GPU: the reference, the Triton kernels
+under the interpreter (fused and chunked), and the CUDA selection logic (host builds, in
+test_cuda_select.py and test_cuda_stream.py); the gpu-marked tests repeat it on a GPU."""
+
+import pytest
+import torch
+from oracle import assert_matches_oracle, dense_oracle, random_inputs, random_sae
+
+import gradsae
+from gradsae.influence import Influence
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _nan_sae(activation, k=6, rescale=False):
+    d_in, d_sae = 16, 300
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    sae = random_sae(d_in, d_sae, activation, k=k, rescale=rescale, device=DEV, seed=seed)
+    ref = random_sae(d_in, d_sae, activation, k=k, rescale=rescale, device=DEV, seed=seed)  # the same weights
+    nan_cols = torch.randperm(d_sae)[:40].to(DEV)
+    sae.b_enc[nan_cols] = float("nan")
+    ref.b_enc[nan_cols] = float("-inf")
+    for s in (sae, ref):
+        s._cache.clear()
+    return sae, ref, nan_cols
+
+
+def _backends():
+    out = [pytest.param("reference", None)]
+    try:
+        import triton  # noqa: F401
+
+        out += [pytest.param("triton", None), pytest.param("triton", "chunked")]
+    except ImportError:
+        pass
+    gpu = pytest.mark.gpu  # the CUDA extension's kernels (their logic is host-tested here)
+    out += [pytest.param("cuda", None, marks=gpu), pytest.param("cuda", "chunked", marks=gpu)]
+    return out
+
+
+def _run(sae, x, g, backend, strategy):
+    if strategy != "chunked":
+        return gradsae.influence(x, g, sae, backend=backend, check_finite=False)
+    from test_triton_stream import chunked_influence
+
+    kernels = None
+    if backend == "cuda":
+        from gradsae.backends import cuda_stream as kernels
+    return chunked_influence(sae, x, g, budget=x.shape[0] * 256 * 4, kernels=kernels)
+
+
+@pytest.mark.parametrize("backend,strategy", _backends())
+@pytest.mark.parametrize("activation,rescale", [("topk", False), ("topk", True), ("jumprelu", False), ("relu", True)])
+def test_nan_pre_activations_are_never_selected(backend, strategy, activation, rescale):
+    sae, ref, nan_cols = _nan_sae(activation, rescale=rescale)
+    x, g = random_inputs((23,), sae.d_in, DEV)
+    out = _run(sae, x, g, backend, strategy)
+    assert not bool(torch.isin(out.indices, nan_cols).any()), "a NaN latent was selected"
+    assert bool(torch.isfinite(out.acts).all() and torch.isfinite(out.scores).all())
+    # exactly what the same SAE selects when those latents' values are -inf
+    want = dense_oracle(ref, x, g)
+    res = Influence(out.indices, out.acts, out.grads, out.scores, sae.d_sae)
+    assert_matches_oracle(res, want, ref, atol=2e-4, rtol=2e-4)
+    if activation == "topk":
+        assert out.K == sae.k and bool((out.indices >= 0).sum(-1).eq(
+            (want["z"] > 0).sum(-1).to(out.indices.device)).all())
