@@ -33,11 +33,12 @@ def all_specs(kps, dtypes) -> list:
     for dtype in dtypes:
         p = aot._ptr(dtype)
         for kp in kps:
-            for cfg in tuning.hopper_table("topk"):
-                if tuning.fits(*cfg[:4], kp, 4 if dtype == "float32" else 2):
+            elem = 4 if dtype == "float32" else 2
+            for cfg in tuning.table_for("topk", elem):
+                if tuning.fits(*cfg[:4], kp, elem):
                     specs.append(encode_select.aot_spec_topk(cfg, kp, p))
             specs.append(stream_select.aot_spec_topk(stream_select.stream_config(kp, 8192, 16384, gpu=True), kp, p))
-        for cfg in tuning.hopper_table("threshold"):
+        for cfg in tuning.table_for("threshold", 4 if dtype == "float32" else 2):
             specs.append(encode_select.aot_spec_threshold(cfg, p))
         specs.append(stream_select.aot_spec_threshold(stream_select.stream_config(1, 8192, 16384, gpu=True), p))
         specs.append(gather_dot.aot_spec(p))
