@@ -104,16 +104,20 @@ def _merge_into(PART, rows, row_ok, split, stride_pm, qbase, qn, K, KP: tl.const
     return tl.where(row_ok, kth_bar(best, K, KP), float("inf"))
 
 
-@triton.jit
+# Integers whose divisibility by 16 changes nothing in the code are not specialised on, so a
+# new token count or k does not compile the kernel again.
+@triton.jit(do_not_specialize=["N", "N_SPLITS", "K", "N_BUCKET"])
 def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER_SPLIT, N_SPLITS, K,
                         stride_xm, stride_wk, stride_pm, N_BUCKET,
                         HAS_SCALE: tl.constexpr, KP: tl.constexpr, QUEUED: tl.constexpr,
-                        QSTRIDE: tl.constexpr, QC: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+                        QC: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
                         PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     row_blocks = tl.cdiv(N, BM)
-    # a program's queue rows, reused item after item: BM x QSTRIDE keys
+    # a program's queue rows, reused item after item: BM x QSTRIDE keys, a whole tile above
+    # the merge mark of two merge steps (queue_layout)
+    QSTRIDE: tl.constexpr = BN + 2 * QC
     qbase = QUEUE + pid.to(tl.int64) * (BM * QSTRIDE)
     for item in range(pid, row_blocks * N_SPLITS, nprog):
         split = item // row_blocks
@@ -157,7 +161,7 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER
             tl.store(_part_ptrs(PART, rows, split, stride_pm, KP), best, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "N_SPLITS", "CAP", "N_BUCKET"])
 def _encode_threshold_kernel(X, W, BIAS, SCALE, THR, OUT, COUNT, N, D_IN, D_SAE,
                              COLS_PER_SPLIT, N_SPLITS, CAP, stride_xm, stride_wk, N_BUCKET,
                              HAS_SCALE: tl.constexpr, OFF64: tl.constexpr, ALIGNED: tl.constexpr,
@@ -323,14 +327,13 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     tiles = [(cfg[0]["BM"], cfg[0]["BN"])] if cfg else [(c.kwargs["BM"], c.kwargs["BN"])
                                                           for c in autotune_configs("topk")]
     qc = queue_layout(KP, 1)[0]
-    qstride = max(queue_layout(KP, bn)[1] for _, bn in tiles)
-    scratch = torch.empty(nprog * max(bm for bm, _ in tiles) * qstride if queue else 1, dtype=torch.int64,
-                          device=a.device)
+    per_program = max(bm * queue_layout(KP, bn)[1] for bm, bn in tiles)
+    scratch = torch.empty(nprog * per_program if queue else 1, dtype=torch.int64, device=a.device)
     upcast, prec = _precision(a.dtype)
     scale = dec_norm if dec_norm is not None else bias
     args = (a, W_enc, bias, scale, part, scratch, n, d_in, d_sae, cols, S, K, a.stride(0), W_enc.stride(0), S * KP,
             n_bucket(n))
-    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QUEUED=queue, QSTRIDE=qstride, QC=qc, UPCAST=upcast,
+    flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QUEUED=queue, QC=qc, UPCAST=upcast,
                  PREC=prec)
     if fixed:
         meta, warps, stages = cfg
@@ -415,15 +418,15 @@ def aot_spec_topk(cfg: tuple, kp: int, p: str):
     from .aot import Spec
 
     bm, bn, bk, stages, warps = cfg
-    qc, qstride = queue_layout(kp, bn)
+    qc, _ = queue_layout(kp, bn)
     sig = {**_aot_types(p), "PART": "*i64", "QUEUE": "*i64", "N": "i32", "D_IN": "i32", "D_SAE": "i32",
            "COLS_PER_SPLIT": "i32", "N_SPLITS": "i32", "K": "i32", "stride_xm": "i32", "stride_wk": "i32",
            "stride_pm": "i32", "N_BUCKET": "i32"}
-    const = dict(HAS_SCALE=True, KP=kp, QUEUED=True, QSTRIDE=qstride, QC=qc, ALIGNED=True, UPCAST=False,
+    const = dict(HAS_SCALE=True, KP=kp, QUEUED=True, QC=qc, ALIGNED=True, UPCAST=False,
                  PREC=_aot_prec(p), BM=bm, BN=bn, BK=bk)
     sig.update({name: "constexpr" for name in const})
     return Spec("encode_topk", _encode_topk_kernel, sig, const, warps, stages,
-                divisible=("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "stride_xm", "stride_wk", "stride_pm", "N_BUCKET"),
+                divisible=("D_IN", "D_SAE", "COLS_PER_SPLIT", "stride_xm", "stride_wk", "stride_pm"),
                 meta=dict(KP=kp, BM=bm, BN=bn, BK=bk, dtype=p))
 
 
@@ -437,7 +440,7 @@ def aot_spec_threshold(cfg: tuple, p: str):
     const = dict(HAS_SCALE=True, OFF64=False, ALIGNED=True, UPCAST=False, PREC=_aot_prec(p), BM=bm, BN=bn, BK=bk)
     sig.update({name: "constexpr" for name in const})
     return Spec("encode_threshold", _encode_threshold_kernel, sig, const, warps, stages,
-                divisible=("N", "D_IN", "D_SAE", "COLS_PER_SPLIT", "CAP", "stride_xm", "stride_wk", "N_BUCKET"),
+                divisible=("D_IN", "D_SAE", "COLS_PER_SPLIT", "stride_xm", "stride_wk"),
                 meta=dict(BM=bm, BN=bn, BK=bk, dtype=p))
 
 

@@ -57,7 +57,7 @@ def _tile_values(raw, BIAS, SCALE, c0, cols, col_ok, HAS_BIAS: tl.constexpr, HAS
     return v
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "K"])  # (a new token count or k compiles nothing new)
 def _fold_topk_kernel(P, BIAS, SCALE, BEST, QUEUE, N, C, c0, K, stride_p,
                       HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, KP: tl.constexpr,
                       QCAP: tl.constexpr, QC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
@@ -88,7 +88,7 @@ def _fold_topk_kernel(P, BIAS, SCALE, BEST, QUEUE, N, C, c0, K, stride_p,
     tl.store(BEST + r64[:, None] * KP + kk, best, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "CAP"])
 def _fold_threshold_kernel(P, BIAS, SCALE, THR, OUT_IDX, OUT_VAL, COUNT, N, C, c0, CAP, stride_p,
                            HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr):
@@ -258,7 +258,7 @@ def aot_spec_topk(cfg: dict, kp: int, p: str):
     const = dict(HAS_BIAS=True, HAS_SCALE=True, KP=kp, QCAP=qcap, QC=qc, BM=cfg["BM"], BN=cfg["BN"])
     sig.update({name: "constexpr" for name in const})
     return Spec("stream_topk", _fold_topk_kernel, sig, const, cfg["num_warps"], 1,
-                divisible=("N", "C", "c0", "K", "stride_p"), meta=dict(KP=kp, BM=cfg["BM"], BN=cfg["BN"], dtype=p))
+                divisible=("C", "c0", "stride_p"), meta=dict(KP=kp, BM=cfg["BM"], BN=cfg["BN"], dtype=p))
 
 
 def aot_spec_threshold(cfg: dict, p: str):
@@ -269,4 +269,4 @@ def aot_spec_threshold(cfg: dict, p: str):
     const = dict(HAS_BIAS=True, HAS_SCALE=True, BM=cfg["BM"], BN=cfg["BN"])
     sig.update({name: "constexpr" for name in const})
     return Spec("stream_threshold", _fold_threshold_kernel, sig, const, cfg["num_warps"], 1,
-                divisible=("N", "C", "c0", "CAP", "stride_p"), meta=dict(BM=cfg["BM"], BN=cfg["BN"], dtype=p))
+                divisible=("C", "c0", "stride_p"), meta=dict(BM=cfg["BM"], BN=cfg["BN"], dtype=p))
