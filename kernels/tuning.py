@@ -73,11 +73,11 @@ def _cfg(bm, bn, bk, stages, warps):
 _HOPPER_TOPK = [
     (64, 128, 64, 4, 8),
     (64, 128, 64, 3, 8),
-    (128, 64, 64, 4, 8),
     (64, 64, 64, 4, 8),
     (64, 128, 32, 4, 8),
     (32, 128, 64, 4, 4),
-    (32, 256, 64, 3, 8),   # the only tiles wide enough for k > 128
+    (32, 256, 64, 3, 8),   # the only tiles wide enough for k > 128 (KP=256 spills here: its
+                           # [32, 256] int64 merge network; the chunked strategy serves it)
 ]
 _HOPPER_THRESHOLD = [
     (64, 64, 64, 4, 8),
