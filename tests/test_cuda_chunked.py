@@ -16,7 +16,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from oracle import assert_matches_oracle, dense_oracle, random_inputs, random_sae, selection_tol
+from oracle import assert_matches_oracle, dense_oracle, max_errors, random_inputs, random_sae, selection_tol
 from test_cuda_orchestration import _floats, _view
 
 from gradsae import chunked
@@ -107,9 +107,15 @@ def test_chunked_over_cuda_stream_matches_oracle(fake, activation, rescale, dtyp
     grads = gather_dot(sae.W_dec, idx, g, None, sae.col_scale()).float()
     out = Influence(idx, acts, grads, acts * grads, d_sae)
     orc = dense_oracle(sae, x, g)
-    tol = 1e-4 if dtype == torch.float32 else 0.05
-    assert_matches_oracle(out, orc, sae, atol=tol, rtol=tol,
-                          set_tol=tol if dtype == torch.float32 else selection_tol(sae, x, orc))
+    if dtype == torch.float32:
+        assert_matches_oracle(out, orc, sae, atol=1e-4, rtol=1e-4)
+    else:  # error at most 2x the reference's in the same dtype (DESIGN: low precision)
+        import gradsae
+
+        e_c, e_r = max_errors(out, orc), max_errors(gradsae.influence(x, g, sae, backend="reference"), orc)
+        for f in ("acts", "grads", "scores"):
+            assert e_c[f] <= 2 * e_r[f] + 1e-3, (f, e_c, e_r)
+        assert_matches_oracle(out, orc, sae, atol=0.1, rtol=0.05, set_tol=max(0.1, selection_tol(sae, x, orc)))
     calls = fake.calls
     assert [c[2] for c in calls] == [0, 256, 512] and [c[3] for c in calls] == [256, 256, 88]
     assert all(c[1] == {torch.float32: 0, torch.bfloat16: 2}[dtype] for c in calls)
