@@ -31,8 +31,8 @@ import torch
 DEFAULT_BUDGET = 256 << 20
 # Columns per chunk are a multiple of this (keeps rows 16-byte aligned for vector loads).
 COL_GRANULE = 256
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def budget_bytes(budget: int | None = None) -> int:
@@ -116,8 +116,9 @@ def _chunks(a, W_enc, cols, dtype):
         yield c0, gemm_into(a, W_enc[:, c0:c1], out)
 
 
-def topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor | None, k: int, dec_norm: torch.Tensor | None,
-         kernels, *, budget: int | None = None, out_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+def topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor | None, k: int,
+         dec_norm: torch.Tensor | None, kernels, *, budget: int | None = None,
+         out_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` latents of ``v = (a @ W_enc + bias) * dec_norm`` per row, chunk by chunk.
 
     Returns ``(acts float32, indices int64)``, ``[N, min(k, d_sae)]``, descending; slots

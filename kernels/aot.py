@@ -67,8 +67,8 @@ def parse_ptxas(text: str) -> dict:
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
     if not regs or not frame:
         raise RuntimeError(f"unexpected ptxas output:\n{text}")
-    return {"registers": int(regs.group(1)), "stack": int(frame.group(1)), "spill_stores": int(frame.group(2)),
-            "spill_loads": int(frame.group(3))}
+    return {"registers": int(regs.group(1)), "stack": int(frame.group(1)),
+            "spill_stores": int(frame.group(2)), "spill_loads": int(frame.group(3))}
 
 
 def compile_spec(spec: Spec, arch: str = "sm_90a") -> dict:
@@ -86,8 +86,8 @@ def compile_spec(spec: Spec, arch: str = "sm_90a") -> dict:
         path = os.path.join(d, "k.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas_path(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
+        cmd = [ptxas_path(), "-v", f"--gpu-name={arch}", path, "-o", os.path.join(d, "k.cubin")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed for {spec.name}:\n{res.stderr[-2000:]}")
     rec = {"kernel": spec.name, **spec.meta, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
@@ -120,7 +120,8 @@ def default_specs(dtypes=("bfloat16",), kps=(64,)) -> list[Spec]:
 
     from . import encode_select, stream_select, tuning
 
-    gather_dot = importlib.import_module(__package__ + ".gather_dot")  # (the package exports a function so named)
+    # (the package exports a function of this module's name)
+    gather_dot = importlib.import_module(__package__ + ".gather_dot")
 
     specs = []
     for dtype in dtypes:
@@ -132,6 +133,7 @@ def default_specs(dtypes=("bfloat16",), kps=(64,)) -> list[Spec]:
             specs.append(stream_select.aot_spec_topk(cfg, kp, p))
         for cfg in tuning.default_encode_configs("threshold", 1, dtype):
             specs.append(encode_select.aot_spec_threshold(cfg, p))
-        specs.append(stream_select.aot_spec_threshold(stream_select.stream_config(1, 8192, 16384, gpu=True), p))
+        cfg = stream_select.stream_config(1, 8192, 16384, gpu=True)
+        specs.append(stream_select.aot_spec_threshold(cfg, p))
         specs.append(gather_dot.aot_spec(p))
     return specs

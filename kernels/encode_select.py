@@ -19,9 +19,9 @@ splits is chosen so that every program gets (nearly) the same number of items.
 - Threshold (JumpReLU / ReLU): the active entries ``v > thr`` of a tile are compacted into
   the row's slots ``[N, cap]`` as packed keys (value and index in one store): positions
   inside the tile from a prefix sum, the row's base reserved with one relaxed atomic add on
-  its counter (only the counter's value matters, no ordering). Counters keep counting past ``cap``, so an overflow is detected exactly (and
-  the caller retries or raises); slots are then sorted by latent index, which makes the
-  result independent of scheduling.
+  its counter (only the counter's value matters, no ordering). Counters keep counting past
+  ``cap``, so an overflow is detected exactly (and the caller retries or raises); slots are
+  then sorted by latent index, which makes the result independent of scheduling.
 
 NaN: a NaN value never passes a compare, so it is never selected (the rule of every backend).
 """
@@ -32,7 +32,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import EMPTY, EMPTY_KEY, kth_bar, merge_partials, merge_queue, merge_running_topk, pack_keys, queue_hits, unpack_keys
+from .topk import (
+    EMPTY,
+    EMPTY_KEY,
+    kth_bar,
+    merge_partials,
+    merge_queue,
+    merge_running_topk,
+    pack_keys,
+    queue_hits,
+    unpack_keys,
+)
 from .tuning import (
     SPLIT_GRANULE,
     autotune_configs,
@@ -129,8 +139,8 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER
         # the item's running top-k lives in its partial-result slots, not in registers across
         # the GEMM: it is read only when a queue is merged (QUEUED)
         if QUEUED:
-            tl.store(_part_ptrs(PART, rows, split, stride_pm, KP), tl.full([BM, KP], EMPTY_KEY, dtype=tl.int64),
-                     mask=row_ok[:, None])
+            empty = tl.full([BM, KP], EMPTY_KEY, dtype=tl.int64)
+            tl.store(_part_ptrs(PART, rows, split, stride_pm, KP), empty, mask=row_ok[:, None])
         else:
             best = tl.full([BM, KP], EMPTY_KEY, dtype=tl.int64)
         bar = tl.where(row_ok, 0.0, float("inf"))  # rows past N never hit
@@ -153,7 +163,8 @@ def _encode_topk_kernel(X, W, BIAS, SCALE, PART, QUEUE, N, D_IN, D_SAE, COLS_PER
                 qn = queue_hits(v, cols, bar, qbase, qn, QSTRIDE)
             else:
                 ok = (v > bar[:, None])  # NaN and non-positive values never enter
-                keys = tl.where(ok, pack_keys(v, cols[None, :] + tl.zeros([BM, BN], dtype=tl.int32)), EMPTY_KEY)
+                idx = cols[None, :] + tl.zeros([BM, BN], dtype=tl.int32)
+                keys = tl.where(ok, pack_keys(v, idx), EMPTY_KEY)
                 best = merge_running_topk(best, keys, KP)
         if QUEUED:
             _merge_into(PART, rows, row_ok, split, stride_pm, qbase, qn, K, KP, QC, QSTRIDE)
@@ -320,7 +331,8 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     fixed = deterministic or interpreting()
     elem = a.element_size()
     cfg = fixed_config(KP, d_sae, n, "topk", elem) if fixed else None
-    S, cols = plan_splits(n, d_sae, n_splits, bm=cfg[0]["BM"] if cfg else None, nprog=nprog, slot_bytes=KP * 8)
+    S, cols = plan_splits(n, d_sae, n_splits, bm=cfg[0]["BM"] if cfg else None, nprog=nprog,
+                          slot_bytes=KP * 8)
     cfg = fixed_config(KP, cols, n, "topk", elem) if fixed else None
     part = torch.empty((n, S, KP), dtype=torch.int64, device=a.device)
     # queue scratch: a BM x QSTRIDE block per program, for the largest tile any configuration uses
@@ -331,8 +343,8 @@ def encode_topk(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, k: int
     scratch = torch.empty(nprog * per_program if queue else 1, dtype=torch.int64, device=a.device)
     upcast, prec = _precision(a.dtype)
     scale = dec_norm if dec_norm is not None else bias
-    args = (a, W_enc, bias, scale, part, scratch, n, d_in, d_sae, cols, S, K, a.stride(0), W_enc.stride(0), S * KP,
-            n_bucket(n))
+    args = (a, W_enc, bias, scale, part, scratch, n, d_in, d_sae, cols, S, K, a.stride(0), W_enc.stride(0),
+            S * KP, n_bucket(n))
     flags = dict(HAS_SCALE=dec_norm is not None, KP=KP, QUEUED=queue, QC=qc, UPCAST=upcast,
                  PREC=prec)
     if fixed:
@@ -382,7 +394,8 @@ def encode_threshold(a: torch.Tensor, W_enc: torch.Tensor, bias: torch.Tensor, t
     scale = dec_norm if dec_norm is not None else bias
     args = (a, W_enc, bias, scale, thr, out, count, n, d_in, d_sae, cols, S, cap,
             a.stride(0), W_enc.stride(0), n_bucket(n))
-    flags = dict(HAS_SCALE=dec_norm is not None, OFF64=rows_pad * (cap + 1) >= 2**31, UPCAST=upcast, PREC=prec)
+    flags = dict(HAS_SCALE=dec_norm is not None, OFF64=rows_pad * (cap + 1) >= 2**31, UPCAST=upcast,
+                 PREC=prec)
     if fixed:
         meta, warps, stages = cfg
         flags["ALIGNED"] = cols % meta["BN"] == 0
@@ -437,7 +450,8 @@ def aot_spec_threshold(cfg: tuple, p: str):
     sig = {**_aot_types(p), "THR": "*fp32", "OUT": "*i64", "COUNT": "*i32", "N": "i32",
            "D_IN": "i32", "D_SAE": "i32", "COLS_PER_SPLIT": "i32", "N_SPLITS": "i32", "CAP": "i32",
            "stride_xm": "i32", "stride_wk": "i32", "N_BUCKET": "i32"}
-    const = dict(HAS_SCALE=True, OFF64=False, ALIGNED=True, UPCAST=False, PREC=_aot_prec(p), BM=bm, BN=bn, BK=bk)
+    const = dict(HAS_SCALE=True, OFF64=False, ALIGNED=True, UPCAST=False, PREC=_aot_prec(p),
+                 BM=bm, BN=bn, BK=bk)
     sig.update({name: "constexpr" for name in const})
     return Spec("encode_threshold", _encode_threshold_kernel, sig, const, warps, stages,
                 divisible=("D_IN", "D_SAE", "COLS_PER_SPLIT", "stride_xm", "stride_wk"),

@@ -138,7 +138,8 @@ def stream_config(kp: int, n: int, cols: int, *, gpu: bool | None = None) -> dic
     if gpu is None:
         gpu = not interpreting() and torch.cuda.is_available()
     if not gpu:
-        return {"BM": min(32, next_pow2(max(n, 1))), "BN": max(kp, min(256, next_pow2(max(cols, 1)))), "num_warps": 1}
+        bn = max(kp, min(256, next_pow2(max(cols, 1))))
+        return {"BM": min(32, next_pow2(max(n, 1))), "BN": bn, "num_warps": 1}
     if kp >= 256:  # (the wider merge network: 1024-column tiles spill for KP=256)
         return {"BM": 1, "BN": 512, "num_warps": 4}
     return {"BM": 1, "BN": 1024, "num_warps": 4}
@@ -151,6 +152,11 @@ def queue_sizes(kp: int, bn: int) -> tuple[int, int]:
     plus two steps."""
     qc = max(kp, 64)
     return qc, bn + 2 * qc
+
+
+def _tables(sel, dummy):
+    """(bias, scale) pointers of a selection, ``dummy`` for an absent one."""
+    return (sel.bias if sel.bias is not None else dummy, sel.scale if sel.scale is not None else dummy)
 
 
 class StreamTopK:
@@ -188,12 +194,11 @@ class StreamTopK:
         rows = triton.cdiv(n, cfg["BM"]) * cfg["BM"]  # a program's block of queue rows
         if self.queue is None or self.queue.shape[1] != qcap or self.queue.shape[0] < rows:
             self.queue = torch.empty((rows, qcap), dtype=torch.int64, device=chunk.device)
-        dummy = self.best
+        bias, scale = _tables(self, self.best)
         _fold_topk_kernel[(triton.cdiv(n, cfg["BM"]),)](
-            chunk, self.bias if self.bias is not None else dummy, self.scale if self.scale is not None else dummy,
-            self.best, self.queue, n, C, c0, self.k, chunk.stride(0),
-            HAS_BIAS=self.bias is not None, HAS_SCALE=self.scale is not None, KP=self.kp, QCAP=self.queue.shape[1],
-            QC=qc, BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+            chunk, bias, scale, self.best, self.queue, n, C, c0, self.k, chunk.stride(0),
+            HAS_BIAS=self.bias is not None, HAS_SCALE=self.scale is not None, KP=self.kp,
+            QCAP=self.queue.shape[1], QC=qc, BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,10 +236,9 @@ class StreamThreshold:
         if chunk.stride(1) != 1:
             chunk = chunk.contiguous()
         cfg = self.config or stream_config(1, n, C)
-        dummy = self.val
+        bias, scale = _tables(self, self.val)
         _fold_threshold_kernel[(triton.cdiv(n, cfg["BM"]),)](
-            chunk, self.bias if self.bias is not None else dummy, self.scale if self.scale is not None else dummy,
-            self.thr, self.idx, self.val, self.count, n, C, c0, self.cap, chunk.stride(0),
+            chunk, bias, scale, self.thr, self.idx, self.val, self.count, n, C, c0, self.cap, chunk.stride(0),
             HAS_BIAS=self.bias is not None, HAS_SCALE=self.scale is not None,
             BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )

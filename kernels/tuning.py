@@ -154,7 +154,8 @@ def prune_encode_configs(configs, named_args, **kwargs):
     elem = x.element_size() if hasattr(x, "element_size") else 2
     if elem >= 4:
         configs = cap_list([_cfg(*c) for c in _FP32[kind]])
-    kept = [c for c in configs if fits(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, kp, elem)]
+    kept = [c for c in configs
+            if fits(c.kwargs["BM"], c.kwargs["BN"], c.kwargs["BK"], c.num_stages, kp, elem)]
     if kept:
         return kept
     base = min(configs, key=lambda c: c.kwargs["BM"] * c.kwargs["BN"])
@@ -195,7 +196,8 @@ def _gpu_fixed(kind: str, kp: int, major: int, elem_bytes: int = 2) -> tuple[dic
     return {"BM": bm, "BN": bn, "BK": bk}, 8, stages
 
 
-def fixed_config(kp: int, cols: int, n: int, kind: str = "topk", elem_bytes: int = 2) -> tuple[dict, int, int]:
+def fixed_config(kp: int, cols: int, n: int, kind: str = "topk",
+                 elem_bytes: int = 2) -> tuple[dict, int, int]:
     """A fixed (not autotuned) configuration: meta-parameters, num_warps, num_stages.
     Used for deterministic runs so the accumulation order never depends on a tuning race,
     and under the interpreter."""
