@@ -36,7 +36,7 @@ def test_score_command_runs_and_matches_the_api(assets, tmp_path):
     assert main(_args(assets, out)) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["hook"] == HOOK and meta["config"]["data"]["format"] == "jsonl" and meta["tokens"] > 0
-    from gradsae.commands.score import load_model
+    from gradsae.commands._model import load_model
 
     tok = tm.tokenizer()
     ref = gradsae.score_corpus(load_model(str(assets / "model")), gradsae.load_sae(assets / "sae"),

@@ -16,7 +16,7 @@ import torch
 from oracle import random_sae
 
 import gradsae
-from gradsae.corpus.checkpoint import checkpoint_path, load_checkpoint
+from gradsae.corpus.resume import checkpoint_path, load_checkpoint
 from gradsae.errors import InputError
 
 TESTS = Path(__file__).resolve().parent
@@ -81,10 +81,10 @@ def _kill_and_resume(tmp_path, seed, data, model, sae, tok):
         while proc.poll() is None and time.monotonic() < deadline:
             if ck.is_file():
                 state = load_checkpoint(ck)[2]
-                if state["next_batch"] >= 3:
+                if state.next_batch >= 3:
                     time.sleep(random.Random(seed).uniform(0, 0.2))  # anywhere inside a batch
                     os.kill(proc.pid, signal.SIGKILL)
-                    killed_at = state["next_batch"]
+                    killed_at = state.next_batch
                     break
             time.sleep(0.01)
     finally:
@@ -94,7 +94,7 @@ def _kill_and_resume(tmp_path, seed, data, model, sae, tok):
     assert killed_at is not None, proc.stdout.read().decode()[-2000:]
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "meta.json").exists() and ck.is_file()  # really interrupted
-    assert load_checkpoint(ck)[2]["next_batch"] < ref.meta["batches"]
+    assert load_checkpoint(ck)[2].next_batch < ref.meta["batches"]
 
     with pytest.raises(InputError, match="unfinished run.*resume"):
         gradsae.score_corpus(model, sae, data, tokenizer=tok, out=out, **RUN)

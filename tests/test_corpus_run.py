@@ -32,8 +32,9 @@ def setup():
     return model, sae, tm.tokenizer(), _corpus(random.Random(seed))
 
 
-def _dense_reference(model, sae, tok, docs, mode):
-    """Per window, in float64: dense latents with retain_grad, mean next-token loss, backward;
+def _dense_reference(model, sae, tok, docs, mode, objective="loglik"):
+    """Per window, in float64: dense latents with retain_grad, Y = the mean log-probability of
+    each actual next token (the default objective; or the mean next-token loss), backward;
     every (doc, pos, latent) with z != 0 and its score z * dY/dz."""
     m = copy.deepcopy(model).double()
     s64 = gradsae.SAE(sae.W_enc.double(), sae.b_enc.double(), sae.W_dec.double(), sae.b_dec.double(), "topk", k=K)
@@ -47,7 +48,8 @@ def _dense_reference(model, sae, tok, docs, mode):
             hook = tm.DenseSplice(tm.layer_module(m, LAYER), s64, mode)
             try:
                 logits = m(piece[None]).logits[0]
-                torch.nn.functional.cross_entropy(logits[:-1], piece[1:]).backward()
+                logp = logits[:-1].log_softmax(-1).gather(-1, piece[1:, None]).squeeze(-1)
+                (logp.mean() if objective == "loglik" else -logp.mean()).backward()
             finally:
                 hook.remove()
             z = hook.zs[0]
@@ -117,9 +119,8 @@ def test_statistics_match_dense_reference(setup, tmp_path, mode):
     j = int(count.argmax())
     top = list(df["top_examples"][j])
     assert [(e["doc"], e["pos"]) for e in top] == [(r["doc"], r["pos"]) for r in res.examples.rows(j)]
-    assert all("[[" in e["context"] for e in top)
-    # every example's decoded token and context, rebuilt from the document: +-2 tokens around
-    # the position, within the position's window of L tokens
+    # every example's decoded token and its left and right context, rebuilt from the document:
+    # +-2 tokens around the position, within the position's window of L tokens
     def dec(t):
         return tok.decode(t, skip_special_tokens=False)
 
@@ -130,15 +131,36 @@ def test_statistics_match_dense_reference(setup, tmp_path, mode):
             p, start = e["pos"], (e["pos"] // L) * L
             end = min(len(ids), start + L)
             assert e["token"] == dec([ids[p]])
-            assert e["context"] == dec(ids[max(start, p - 2):p]) + f"[[{dec([ids[p]])}]]" + dec(ids[p + 1:min(end, p + 3)])
+            assert e["left"] == dec(ids[max(start, p - 2):p]) and e["right"] == dec(ids[p + 1:min(end, p + 3)])
             checked += 1
     assert checked >= DSAE // 2
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"] and meta["tokens"] == n_tok and meta["hook"] == f"blocks.{LAYER}.hook_resid_post"
-    assert meta["objective"] == "loss" and meta["mode"] == mode and meta["sae"]["d_sae"] == DSAE
+    assert meta["objective"] == "loglik" and meta["mode"] == mode and meta["sae"]["d_sae"] == DSAE
+    assert "helps the model predict the next token" in meta["sign"]["positive"]
+    assert "log-probability of each actual next token" in meta["sign"]["y"]
     assert meta["documents"] == sum(1 for d in docs if len(tok(d)["input_ids"]) >= 2)
     assert {"gradsae", "torch", "transformers"} <= set(meta["versions"])
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_objective_is_the_default_with_the_sign_flipped(setup):
+    """objective="loss" stays available: the same tokens and latents, every score negated
+    (relu of the negated scores is |s| - relu(s)); meta says what the sign means."""
+    model, sae, tok, docs = setup
+    kw = dict(hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, max_length=L, batch_tokens=40, progress=False)
+    ll = gradsae.score_corpus(model, sae, docs, **kw)
+    loss = gradsae.score_corpus(model, sae, docs, objective="loss", **kw)
+    assert ll.meta["objective"] == "loglik" and loss.meta["objective"] == "loss"
+    assert "raises the loss" in loss.meta["sign"]["positive"]
+    assert torch.equal(ll.stats.count, loss.stats.count) and ll.stats.tokens == loss.stats.tokens
+    scale = float(loss.stats.abs_sum.max())
+    assert scale > 0
+    tol = dict(rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(ll.stats.score_sum, -loss.stats.score_sum, **tol)
+    torch.testing.assert_close(ll.stats.abs_sum, loss.stats.abs_sum, **tol)
+    torch.testing.assert_close(ll.stats.relu_sum, loss.stats.abs_sum - loss.stats.relu_sum, **tol)
+    torch.testing.assert_close(ll.stats.act_sum, loss.stats.act_sum, **tol)
 
 
 def test_output_directory_rules(setup, tmp_path):
