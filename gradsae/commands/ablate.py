@@ -20,7 +20,8 @@ def add_arguments(p) -> None:
     w.add_argument("--top", help="zero the prompt's GradSAE Top-K (int or percentage)")
     w.add_argument("--bottom", help="zero the prompt's GradSAE Bottom-K (int or percentage)")
     s.add_argument("--trigger", default=None, help="select at the first generated token containing this text")
-    s.add_argument("--positions", choices=("all", "last"), default="all")
+    s.add_argument("--positions", choices=("all", "last"), default="all",
+                   help="zero the latents at every position (default) or at the last one only")
 
 
 def run(args) -> int:

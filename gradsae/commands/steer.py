@@ -37,6 +37,7 @@ def run(args) -> int:
     addv = parse_pairs(args.add, "--add")
     if not (zero or setv or addv or args.donor):
         raise InputError("nothing to do: pass --zero, --set, --add or --donor")
+    k = parse_k(args.k) if args.donor else None
     scorer = build_scorer(args)
     positions = args.positions or ("last" if args.donor else "all")
     if args.donor:
@@ -46,7 +47,7 @@ def run(args) -> int:
         args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
         own, _, _ = select(scorer, prompt, args)
         don, _, _ = select(scorer, args.donor, args)
-        edit = steering(own, don, parse_k(args.k), values=args.donor_values, positions=positions)
+        edit = steering(own, don, k, values=args.donor_values, positions=positions)
         zero += edit["zero"]
         setv.update(edit["set"])
     base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
