@@ -82,6 +82,7 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
         msg = re.sub(rf"(?<![\w-]){d}=True\b", flag, msg)
         msg = re.sub(rf"(?<![\w-]){d}=(\.\.\.|<[^>]*>|'[^']*'|[^\s,;:)]+)", lambda m: f"{flag} {m.group(1).strip(chr(39))}", msg)
         msg = re.sub(rf"(?<![\w-]){d}=(?=[\s,;:)]|$)", flag, msg)
+        msg = re.sub(rf"(?<![\w./-]){d} must\b", f"{flag} must", msg)  # "context must be ..."
         if "_" in dest:  # a bare API name such as max_length
             msg = re.sub(rf"(?<![\w./-]){d}(?![\w=/]|\.\w)", flag, msg)
     return msg
@@ -92,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         top = build_parser()
         try:
-            args = top.parse_args(argv)
+            args, extra = top.parse_known_args(argv)
+            if extra:  # reported by the command's own parser, in its name
+                (getattr(args, "_parser", None) or top).error(f"unrecognized arguments: {' '.join(extra)}")
         except SystemExit as e:  # --help, --version, and usage errors (already printed)
             return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
         if not getattr(args, "command", None):

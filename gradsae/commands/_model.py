@@ -251,8 +251,8 @@ def check_writable_file(path: str, option: str) -> None:
 
 
 # ---------------------------------------------------------------------------- parsers
-def parse_k(text: str):
-    """One K: ``"10"`` -> 10, ``"50%"`` -> 0.5, ``"0.5"`` -> 0.5."""
+def parse_k(text: str, option: str = "--k"):
+    """One K (of ``option``): ``"10"`` -> 10, ``"50%"`` -> 0.5, ``"0.5"`` -> 0.5."""
     s = str(text).strip()
     try:
         if s.endswith("%"):
@@ -262,9 +262,10 @@ def parse_k(text: str):
         else:
             k = float(s)
     except ValueError:
-        raise InputError(f"K must be an int, a fraction or a percentage (10, 0.5, 50%), got {text!r}") from None
+        raise InputError(f"{option}: K must be an int, a fraction or a percentage (10, 0.5, 50%), "
+                         f"got {text!r}") from None
     if not 0.0 < k <= 1.0:
-        raise InputError(f"a fractional K must be in (0, 1] (or a percentage up to 100%), got {text!r}")
+        raise InputError(f"{option}: a fractional K must be in (0, 1] (or a percentage up to 100%), got {text!r}")
     return k
 
 
@@ -275,6 +276,13 @@ def parse_latents(text: str | None) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
         raise InputError(f"latents must be comma-separated integers, got {text!r}") from e
+
+
+def check_latents(ids, d_sae: int, option: str) -> None:
+    """Latent ids given with ``option`` are in ``[0, d_sae)``."""
+    bad = [j for j in ids if not 0 <= int(j) < d_sae]
+    if bad:
+        raise InputError(f"{option}: latent ids must be in [0, {d_sae}) for this SAE, got {bad[:10]}")
 
 
 def parse_pairs(items, what: str) -> dict[int, float]:

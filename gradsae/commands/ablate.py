@@ -7,7 +7,7 @@ model's own answer.
 
 from __future__ import annotations
 
-from ._model import add_model_arguments, build_scorer, emit, parse_k, parse_latents, read_prompt
+from ._model import add_model_arguments, build_scorer, check_latents, emit, parse_k, parse_latents, read_prompt
 
 HELP = "generate with latents zeroed (perturbation)"
 
@@ -27,8 +27,9 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     prompt = read_prompt(args)
     latents = parse_latents(args.latents)
-    kk = parse_k(args.top or args.bottom) if (args.top or args.bottom) else None
+    kk = parse_k(args.top or args.bottom, "--top" if args.top else "--bottom") if (args.top or args.bottom) else None
     scorer = build_scorer(args)
+    check_latents(latents, scorer.sae.d_sae, "--latents")
     if kk is not None:
         from ..model.interventions import perturbation
         from .select import select

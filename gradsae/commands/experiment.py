@@ -70,7 +70,10 @@ def run(args) -> int:
         if v is not None and v < 1:
             raise InputError(f"--{name} must be >= 1, got {v}")
     examples = ex.load_squad(args.data, limit=args.limit, sample=args.sample, seed=args.seed)
-    ks = ex.parse_ks(args.ks)
+    try:
+        ks = ex.parse_ks(args.ks)
+    except InputError as e:
+        raise InputError(f"--ks: {e}") from None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     studies = tuple(s.strip() for s in args.studies.split(",") if s.strip())
     for opt, got, allowed in (("--methods", methods, ex.METHODS), ("--studies", studies, ex.STUDIES)):
@@ -87,7 +90,8 @@ def run(args) -> int:
         except OSError as e:
             raise InputError(f"--template-file {args.template_file}: {e.strerror or e}") from None
         if "{context}" not in template or "{question}" not in template:
-            raise InputError("the template must contain {context} and {question}")
+            raise InputError(f"--template-file {args.template_file}: the template must contain {{context}} and "
+                             "{question}")
     elif args.prompt_style == "gemma-released":
         template = ex.PROMPT_GEMMA_RELEASED
     scorer = build_scorer(args, quiet=args.no_progress)

@@ -7,7 +7,8 @@ paper's local steering from a donor prompt.
 
 from __future__ import annotations
 
-from ._model import add_model_arguments, build_scorer, emit, parse_k, parse_latents, parse_pairs, read_prompt
+from ._model import add_model_arguments, build_scorer, check_latents, emit, parse_k, parse_latents, parse_pairs
+from ._model import read_prompt
 
 HELP = "generate with latents zeroed / set / added, or steered from a donor prompt"
 
@@ -39,6 +40,8 @@ def run(args) -> int:
         raise InputError("nothing to do: pass --zero, --set, --add or --donor")
     k = parse_k(args.k) if args.donor else None
     scorer = build_scorer(args)
+    for opt, ids in (("--zero", zero), ("--set", list(setv)), ("--add", list(addv))):
+        check_latents(ids, scorer.sae.d_sae, opt)
     positions = args.positions or ("last" if args.donor else "all")
     if args.donor:
         from ..model.interventions import steering

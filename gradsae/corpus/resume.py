@@ -115,7 +115,8 @@ def probe_writable(out) -> None:
             try:
                 d.mkdir()
             except OSError as e:
-                raise InputError(f"cannot create the output directory {out}: {e.strerror or e} ({d})") from None
+                where = "" if d == out else f" ({d})"
+                raise InputError(f"cannot create the output directory {out}: {e.strerror or e}{where}") from None
             created.append(d)
         try:
             fd, tmp = tempfile.mkstemp(prefix=".gradsae-probe.", suffix=".tmp", dir=out)
