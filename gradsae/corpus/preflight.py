@@ -78,7 +78,7 @@ def position_limit(model) -> tuple[int, bool, str] | None:
     hard = getattr(cfg, "positional_embedding_type", None) == "standard" or any(
         isinstance(m, torch.nn.Embedding) and _LEARNED_TABLE.search(name) for name, m in model.named_modules())
     if not hard:
-        for attr in ("rope_scaling", "rope_parameters"):
+        for attr in ("rope_parameters", "rope_scaling"):  # transformers 5, 4.x
             rs = getattr(cfg, attr, None)
             if isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) in _SCALED_ROPE \
                     and "original_max_position_embeddings" not in rs and isinstance(rs.get("factor"), (int, float)):

@@ -342,7 +342,8 @@ class Checkpointer:
         """Words for what a user can resume from."""
         if self.path is not None and self.path.is_file():
             st = self.saved
-            done = f" ({st.counts['batches']} batches, up to document {st.cursor.doc})" if st is not None else ""
+            n = st.counts["batches"] if st is not None else 0
+            done = f" ({n} batch{'es' * (n != 1)}, up to document {st.cursor.doc})" if st is not None else ""
             return f"the last checkpoint{done} is kept in {self.path.parent}"
         return "no checkpoint had been written yet"
 

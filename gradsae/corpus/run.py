@@ -386,8 +386,9 @@ class CorpusRun:
                             raise RunIOError(self._io_message(e, "writing the checkpoint after Ctrl-C")) from e
                 if self.ck.saved is None:
                     raise  # nothing was scored: nothing to resume
+                n = self.ck.saved.counts["batches"]
                 raise RunInterrupted(
-                    f"interrupted; a checkpoint of the {self.ck.saved.counts['batches']} batches done is in "
+                    f"interrupted; a checkpoint of the {n} batch{'es' * (n != 1)} done is in "
                     f"{self.ck.path.parent}: continue with {RESUME_HINT}", self.ck.path) from None
             except (OSError, GradSAEError) as e:
                 bar.close()
