@@ -351,6 +351,8 @@ def test_run_config_is_what_meta_json_records(setup, tmp_path):
         RunConfig(objective="logprob")
     with pytest.raises(InputError, match="takes no target"):
         RunConfig(objective="loss", objective_kwargs={"target": 3})
+    with pytest.raises(InputError, match="unexpected setting.*batch_token"):  # a misspelt batch_tokens
+        gradsae.score_corpus(model, sae, docs, tokenizer=tok, batch_token=64)
     res = run_corpus(model, sae, docs, cfg, tokenizer=tok)
     rec = json.loads((tmp_path / "run" / "meta.json").read_text())["config"]
     want = cfg.resolved(device="cpu").record()
