@@ -165,8 +165,7 @@ def write_outputs(out, stats: LatentStats, examples: TopExamples, meta: dict, to
             title = (f"{meta.get('model', {}).get('name', '')} {meta.get('hook', '')} "
                      f"objective={meta.get('objective', '')}" + (f" (Y = {sign['y']})" if sign.get("y") else ""))
             put("report.png", lambda p: write_report_png(stats, p, title=title, positive=sign.get("positive", "")))
-        files = [*written, "meta.json"]
-        text = json.dumps({**meta, "files": files}, indent=2, sort_keys=True) + "\n"
+        text = json.dumps({"files": [*written, "meta.json"], **meta}, indent=2, sort_keys=True) + "\n"
         put("meta.json", lambda p: atomic_write_text(p, text))
     except BaseException:
         for name in written:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -191,14 +192,19 @@ class Fingerprint:
         return self._h.hexdigest()
 
     @classmethod
-    def of_prefix(cls, corpus: Corpus, n: int) -> "Fingerprint | None":
+    def of_prefix(cls, corpus: Corpus, n: int, progress: bool = False) -> "Fingerprint | None":
         """The fingerprint of the first ``n`` records of ``corpus`` (None if it has fewer)."""
+        from tqdm.auto import tqdm
+
         fp = cls()
         if n > 0:
-            for i, text in corpus.records(0):
-                fp.add(text)
-                if i + 1 >= n:
-                    break
+            with tqdm(total=n, unit="doc", desc="gradsae score: checking the documents read", disable=not progress,
+                      file=sys.stderr, leave=False) as bar:
+                for i, text in corpus.records(0):
+                    fp.add(text)
+                    bar.update(1)
+                    if i + 1 >= n:
+                        break
         if fp.read < n:
             return None
         fp.upto(n)
@@ -299,17 +305,18 @@ def config_diff(saved: dict, now: dict) -> list[str]:
     return sorted(k for k in keys if saved.get(k) != now.get(k))
 
 
-def restore(path, config: dict, corpus: Corpus, out, device="cpu"):
+def restore(path, config: dict, corpus: Corpus, out, device="cpu", progress: bool = False):
     """Load the checkpoint at ``path`` for a run whose configuration record is ``config`` on
     ``corpus``: ``(stats, examples, state, fingerprint)``, the fingerprint standing at the
     state's cursor, ready to go on reading. Raises :class:`InputError` if the settings differ
-    or the documents before the cursor are not those the run had read."""
+    or the documents before the cursor are not those the run had read (``progress``: a bar
+    while they are read again)."""
     stats, examples, state = load_checkpoint(path, device=device)
     diff = config_diff(state.config, config)
     if diff:
         raise InputError(f"cannot resume {out}: the run was started with different settings ({', '.join(diff)}); "
                          "use the same settings, or overwrite=True (CLI: --overwrite) to start over")
-    fp = Fingerprint.of_prefix(corpus, state.cursor.doc)
+    fp = Fingerprint.of_prefix(corpus, state.cursor.doc, progress=progress)
     if fp is None or fp.upto(state.cursor.doc) != state.fingerprint:
         raise InputError(
             f"cannot resume {out}: the corpus changed since the checkpoint (its first {state.cursor.doc} "

@@ -36,7 +36,7 @@ from .batching import Cursor, make_batches
 from .config import AUTOCAST, DEFAULT_OBJECTIVE, RunConfig
 from .data import Corpus, open_corpus
 from .examples import TopExamples
-from .report import plot_unavailable, write_outputs
+from .report import OUTPUT_FILES, plot_unavailable, write_outputs
 from .resume import Checkpointer, Fingerprint, RunInterrupted, RunIOError, RunState
 
 RESUME_HINT = "resume=True (CLI: --resume)"
@@ -293,8 +293,8 @@ class CorpusRun:
         ck_file = resume.checkpoint_path(self.out, ctx.rank, ctx.world_size) if self.out is not None else None
         self.ck = Checkpointer(ck_file, cfg.checkpoint_every, cfg.checkpoint_interval, time.perf_counter())
         if resume_from is not None:
-            self.stats, self.examples, saved, self.fp = resume.restore(resume_from, self.record, self.corpus, self.out,
-                                                                       device=dev)
+            self.stats, self.examples, saved, self.fp = resume.restore(
+                resume_from, self.record, self.corpus, self.out, device=dev, progress=cfg.progress and ctx.is_main)
             self.state.next_batch, self.state.cursor = saved.next_batch, saved.cursor
             self.state.counts, self.state.elapsed = saved.counts, saved.elapsed
             self.state.fingerprint = saved.fingerprint
@@ -454,6 +454,8 @@ class CorpusRun:
         }
         if self.plot_skipped:
             meta["skipped"] = {"report.png": self.plot_skipped}
+        if out is not None:
+            meta["files"] = [f for f in OUTPUT_FILES if f not in meta.get("skipped", {})]
         if out is not None:
             if ctx.is_main:
                 self._write(out, stats, examples, meta, local_end)
