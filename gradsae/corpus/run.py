@@ -247,6 +247,23 @@ class CorpusRun:
         from ..model import GradSAE
 
         cfg, ctx = self.cfg, self.ctx
+        self.out = cfg.out
+        # report.png: decided now, not after the work
+        self.plot_skipped = plot_unavailable() if self.out is not None else None
+        if self.plot_skipped and ctx.is_main:
+            warnings.warn(f"report.png will not be written: {self.plot_skipped}", UserWarning, stacklevel=2)
+
+        # ---- what the output directory allows (every rank checks before anything is written)
+        resume_from = None
+        if self.out is not None:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise InputError("writing latents.parquet needs pyarrow, a dependency of gradsae: "
+                                 "pip install pyarrow") from None
+            resume_from = resume.check_out_dir(self.out, ctx.rank, ctx.world_size, cfg.resume, cfg.overwrite)
+            if ctx.is_main:
+                resume.probe_writable(self.out)
         device = cfg.device
         if ctx.active and device is None and torch.cuda.is_available():
             device = f"cuda:{ctx.local_rank}"
@@ -269,23 +286,6 @@ class CorpusRun:
             "sae": _describe_sae(self.sae), "world_size": ctx.world_size,
             "tokenizer": type(tok).__name__ + ":" + str(getattr(tok, "name_or_path", "")),
         }
-        self.out = cfg.out
-        # report.png: decided now, not after the work
-        self.plot_skipped = plot_unavailable() if self.out is not None else None
-        if self.plot_skipped and ctx.is_main:
-            warnings.warn(f"report.png will not be written: {self.plot_skipped}", UserWarning, stacklevel=2)
-
-        # ---- what the output directory allows (every rank checks before anything is written)
-        resume_from = None
-        if self.out is not None:
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise InputError("writing latents.parquet needs pyarrow, a dependency of gradsae: "
-                                 "pip install pyarrow") from None
-            resume_from = resume.check_out_dir(self.out, ctx.rank, ctx.world_size, cfg.resume, cfg.overwrite)
-            if ctx.is_main:
-                resume.probe_writable(self.out)
         self.stats = LatentStats(self.sae.d_sae, device=dev)
         self.examples = TopExamples(self.sae.d_sae, cfg.top_n, cfg.context, device=dev)
         self.state = RunState(config=self.record, rank=ctx.rank, world_size=ctx.world_size)
