@@ -80,7 +80,8 @@ def cli_words(message: str, parser: argparse.ArgumentParser | None) -> str:
     for dest, flag in flags.items():
         d = re.escape(dest)
         msg = re.sub(rf"(?<![\w-]){d}=True\b", flag, msg)
-        msg = re.sub(rf"(?<![\w-]){d}=(\.\.\.|<[^>]*>|'[^']*'|[^\s,;:)]+)", lambda m: f"{flag} {m.group(1).strip(chr(39))}", msg)
+        msg = re.sub(rf"(?<![\w-]){d}=(\.\.\.|<[^>]*>|'[^']*'|[^\s,;:)]+)",
+                     lambda m: f"{flag} {m.group(1).strip(chr(39))}", msg)  # name=value: --name value
         msg = re.sub(rf"(?<![\w-]){d}=(?=[\s,;:)]|$)", flag, msg)
         msg = re.sub(rf"(?<![\w./-]){d} must\b", f"{flag} must", msg)  # "context must be ..."
         if "_" in dest:  # a bare API name such as max_length

@@ -79,7 +79,8 @@ def run(args) -> int:
     for opt, got, allowed in (("--methods", methods, ex.METHODS), ("--studies", studies, ex.STUDIES)):
         bad = [x for x in got if x not in allowed] or ([] if got else ["(none)"])
         if bad:
-            raise InputError(f"{opt}: unknown {', '.join(bad)}; expected a comma-separated list of {', '.join(allowed)}")
+            raise InputError(f"{opt}: unknown {', '.join(bad)}; expected a comma-separated list of "
+                             f"{', '.join(allowed)}")
     if args.out:
         check_writable_file(args.out, "--out")
     template = ex.PROMPT

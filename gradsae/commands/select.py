@@ -93,7 +93,8 @@ def run(args) -> int:
         res = res.activation_baseline()
     what, y_info = describe_y(scorer, ids, args, step)
     top, bottom = res.top(k, strict=False), res.bottom(k, strict=False)
-    ranked_by = "mean activation (baseline)" if args.baseline else f"GradSAE score ({args.reduce} of {args.sign} influence)"
+    ranked_by = ("mean activation (baseline)" if args.baseline
+                 else f"GradSAE score ({args.reduce} of {args.sign} influence)")
     payload = {
         "k": res.resolve_k(k), "active_last": res.active_last.tolist(), "trigger_step": step,
         "objective": res.objective, "objective_meaning": what, **{f"objective_{k_}": v for k_, v in y_info.items()},

@@ -113,16 +113,16 @@ class RunConfig:
             return
         if obj not in _obj.NAMES:
             raise InputError(f"unknown objective {obj!r}; expected one of {_obj.NAMES} or a callable")
-        unknown = sorted(set(self.objective_kwargs) - {"position", *(a for v in _obj._ARGUMENTS.values() for a in v)})
+        unknown = sorted(set(self.objective_kwargs) - {"position", *(a for v in _obj.ARGUMENTS.values() for a in v)})
         if unknown:  # a misspelt setting lands in **objective_kwargs
             raise InputError(f"unexpected setting(s) {', '.join(unknown)}: not a setting of score_corpus nor an "
                              f"argument of an objective")
-        takes = set(_obj._ARGUMENTS[obj]) | ({"position"} if obj not in _obj.SEQUENCE_OBJECTIVES else set())
+        takes = set(_obj.ARGUMENTS[obj]) | ({"position"} if obj not in _obj.SEQUENCE_OBJECTIVES else set())
         extra = sorted(set(self.objective_kwargs) - takes)
         if extra:
             raise InputError(f"objective {obj!r} takes no {', '.join(extra)}"
                              + (f" (it takes {', '.join(sorted(takes))})" if takes else ""))
-        missing = [k for k in _obj._ARGUMENTS[obj] if self.objective_kwargs.get(k) is None]
+        missing = [k for k in _obj.ARGUMENTS[obj] if self.objective_kwargs.get(k) is None]
         if missing:
             raise InputError(f"objective {obj!r} needs {' and '.join(f'{k}=<token id>' for k in missing)}")
 

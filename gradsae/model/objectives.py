@@ -122,12 +122,13 @@ def evaluate(objective, logits, input_ids, mask, position: int = -1, **kw) -> to
     raise InputError(f"unknown objective {objective!r}; expected one of {NAMES} or a callable")
 
 
-_ARGUMENTS = {"predicted_prob": (), "loss": (), "loglik": (), "logprob": ("target",), "logit_diff": ("a", "b")}
+# the token arguments each named objective takes (besides ``position``)
+ARGUMENTS = {"predicted_prob": (), "loss": (), "loglik": (), "logprob": ("target",), "logit_diff": ("a", "b")}
 
 
 def _check_arguments(objective, kw) -> None:
-    if objective in _ARGUMENTS:
-        extra = sorted(set(kw) - set(_ARGUMENTS[objective]))
+    if objective in ARGUMENTS:
+        extra = sorted(set(kw) - set(ARGUMENTS[objective]))
         if extra:
             raise InputError(f"objective {objective!r} takes no argument(s) {extra}")
 
