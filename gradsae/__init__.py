@@ -5,12 +5,10 @@ GradSAE (Shu et al., EMNLP 2025) scores latent j at token t by activation x grad
 ``[tokens, d_sae]`` tensor, with interchangeable backends (PyTorch reference, Triton, CUDA).
 """
 
-from .accumulate import accumulate_influence
-from .backends import available_backends
 from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
-from .influence import Influence, encode_sparse, influence, influence_at
 from .loading import load_sae
 from .model import Attribution, GradSAE, PromptScores, ScoreResult
+from .op import Influence, accumulate_influence, available_backends, encode_sparse, influence, influence_at
 from .sae import SAE
 from .stats import LatentStats
 

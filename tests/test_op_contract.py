@@ -5,7 +5,7 @@ import torch
 from oracle import random_sae
 
 import gradsae
-from gradsae.backends import Request, _PRIORITY, _REGISTRY, choose_backend, register_backend
+from gradsae.op import Request, choose_backend, dispatch, get_backend, register_backend, unregister_backend
 
 
 @pytest.fixture
@@ -74,6 +74,11 @@ class _Picky:
     def unsupported(self, req):
         return "only serves requests on the moon"
 
+    def select(self, req):  # never called: it serves nothing
+        raise AssertionError("picky was asked to serve")
+
+    influence = select
+
 
 class _Echo:
     """A backend that serves everything by delegating to the reference, counting calls."""
@@ -88,19 +93,20 @@ class _Echo:
 
     def influence(self, req):
         self.calls += 1
-        return _REGISTRY["reference"].influence(req)
+        return get_backend("reference").influence(req)
+
+    def select(self, req):
+        return get_backend("reference").select(req)
 
 
 @pytest.fixture
 def extra_backends():
-    saved = list(_PRIORITY)
     picky, echo = _Picky(), _Echo()
     register_backend(picky, priority=0)
     register_backend(echo, priority=1)
     yield picky, echo
-    _PRIORITY[:] = saved
-    _REGISTRY.pop("picky", None)
-    _REGISTRY.pop("echo", None)
+    unregister_backend("picky")
+    unregister_backend("echo")
 
 
 def test_priority_list_and_reasons(sae, extra_backends):
@@ -117,17 +123,13 @@ def test_priority_list_and_reasons(sae, extra_backends):
         gradsae.influence(x, x, sae, backend="picky")
 
 
-def test_auto_with_nobody_lists_every_reason(sae, extra_backends):
-    saved = list(_PRIORITY)
-    _PRIORITY[:] = ["picky", "echo"]
-    try:
-        req = Request(torch.randn(200, 8), torch.randn(200, 8), sae, 4)
-        with pytest.raises(gradsae.BackendError) as e:
-            choose_backend(req)
-        assert "picky: only serves requests on the moon" in str(e.value)
-        assert "echo: more than 100 rows" in str(e.value)
-    finally:
-        _PRIORITY[:] = saved
+def test_auto_with_nobody_lists_every_reason(sae, extra_backends, monkeypatch):
+    monkeypatch.setattr(dispatch, "_order", ["picky", "echo"])
+    req = Request(torch.randn(200, 8), torch.randn(200, 8), sae, 4)
+    with pytest.raises(gradsae.BackendError) as e:
+        choose_backend(req)
+    assert "picky: only serves requests on the moon" in str(e.value)
+    assert "echo: more than 100 rows" in str(e.value)
 
 
 def test_sae_dtype_differs_from_inputs():
@@ -138,3 +140,4 @@ def test_sae_dtype_differs_from_inputs():
     assert out.scores.dtype == torch.float32
     ref = gradsae.influence(x.float(), x.float(), sae)
     torch.testing.assert_close(out.scores, ref.scores)
+

@@ -136,3 +136,15 @@ def test_decode_sparse_dispatches_to_a_kernel_when_asked():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(gradsae.BackendError, match="has no decode_sparse"):
         sae.decode_sparse(idx, vals, x, backend="reference")
+
+
+def test_sparse_round_trip_is_the_dense_decode():
+    """linear_decode_sparse (the one embedding-bag decode) against the dense decode of the same
+    latents in float64."""
+    sae = random_sae(16, 70, "jumprelu", rescale=True, normalize="layer_norm", dtype=torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    idx, vals = sae.encode_sparse(x)
+    z = torch.zeros(2, 5, 70, dtype=torch.float64).scatter_add_(-1, idx.clamp(min=0), vals * (idx >= 0))
+    torch.testing.assert_close(sae.decode_sparse(idx, vals, x), sae.decode(z, x), rtol=1e-12, atol=1e-12)
+    d = dense_oracle(sae, x, torch.zeros_like(x))
+    torch.testing.assert_close(z.reshape(-1, 70), d["z"], rtol=1e-12, atol=1e-12)

@@ -174,7 +174,7 @@ def test_threshold_capacity_error_and_padding():
 
 def test_threshold_exact_sizing_retries_past_first_capacity():
     """k=None with rows fuller than the first pass's capacity: a second pass sizes exactly."""
-    from gradsae.backends.triton_backend import INITIAL_CAPACITY
+    from gradsae.op import INITIAL_CAPACITY
 
     d_in, d_sae = 16, 2 * INITIAL_CAPACITY + 40
     sae = random_sae(d_in, d_sae, "relu", device=DEV)

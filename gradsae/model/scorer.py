@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..influence import Influence
+from ..op import Influence, as_sae
 from . import objectives as _obj
 from .head import split_head
 from .hooks import resolve_hook
@@ -73,10 +73,9 @@ class GradSAE:
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
                  backend: str = "auto"):
-        from ..influence import _as_sae
         from .transformer_lens import adapt_model
 
-        sae = _as_sae(sae)
+        sae = as_sae(sae)
         model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import InputError
-from ..influence import Influence, encode_sparse, influence_at
+from ..op import Influence, encode_sparse, influence_at
 
 MODES = ("splice", "error")
 
@@ -68,16 +68,7 @@ class _SpliceFn(torch.autograd.Function):
 def delta_decode(sae, idx: torch.Tensor, dvals: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     """``row_scale * sum_s dvals[s] * col_scale[idx[s]] * W_dec[idx[s]]``: the change of the
     decode when the latents ``idx`` change by ``dvals`` (decode is affine in z). ``[..., d_in]``."""
-    valid = idx >= 0
-    safe = idx.clamp(min=0)
-    vals = dvals.to(sae.dtype) * valid
-    cs = sae.col_scale()
-    if cs is not None:
-        vals = vals * cs.to(vals.dtype)[safe]
-    K = idx.shape[-1]
-    out = torch.nn.functional.embedding_bag(
-        safe.reshape(-1, K), sae.W_dec, per_sample_weights=vals.reshape(-1, K), mode="sum"
-    ).reshape(*idx.shape[:-1], sae.d_in)
+    out = sae.linear_decode_sparse(idx, dvals)
     rs = sae.norm_state(x).row_scale if sae.normalize_activations != "none" else None
     if rs is not None:
         out = out * rs.unsqueeze(-1).to(out.dtype)
