@@ -139,7 +139,7 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
     stop = set(default_stop_ids(scorer) if stop_ids is None else (int(s) for s in stop_ids))
     sp = scorer.splice
     if use_cache is None:
-        use_cache = not any(iv.positions == "last" for iv in sp.interventions)
+        use_cache = not sp.edits_last_position
     prompt_ids = _prompt_ids(scorer, prompt)
     ids = prompt_ids.unsqueeze(0)
     stop_when = match if (match is not None and stop_at_trigger) else None
