@@ -5,7 +5,7 @@ GradSAE (Shu et al., EMNLP 2025) scores latent j at token t by activation x grad
 ``[tokens, d_sae]`` tensor, with interchangeable backends (PyTorch reference, Triton, CUDA).
 """
 
-from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
+from .errors import BackendError, CapacityError, GradSAEError, GradSAEWarning, InputError, SAEFormatError
 from .loading import load_sae
 from .model import Attribution, GradSAE, PromptScores, ScoreResult
 from .op import Influence, accumulate_influence, available_backends, encode_sparse, influence, influence_at
@@ -33,6 +33,7 @@ __all__ = [
     "InputError",
     "CapacityError",
     "BackendError",
+    "GradSAEWarning",
     "__version__",
     "score_corpus",
 ]

@@ -39,6 +39,8 @@ from .errors import GradSAEError, InputError
 ACTIVATIONS = ("topk", "jumprelu", "relu")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 LAYER_NORM_EPS = 1e-5
+# Elements checked for finiteness at once (bounds the temporary boolean tensor).
+FINITE_CHUNK = 1 << 24
 
 # ---------------------------------------------------------------------- served from above
 # The SAE methods whose machinery lives in higher layers, and who provides each.
@@ -65,6 +67,18 @@ def _service(name: str) -> Callable:
     if fn is None:  # only while gradsae is half imported
         raise GradSAEError(f"SAE.{name} is served by {SERVICES[name]}, which is not imported; import gradsae")
     return fn
+
+
+def non_finite_count(t: torch.Tensor, chunk: int = FINITE_CHUNK) -> int:
+    """How many entries of ``t`` are NaN or infinite, checked ``chunk`` elements at a time so
+    no temporary as large as ``t`` is made (0 for a finite tensor, which costs one pass)."""
+    flat = t.detach().reshape(-1)
+    bad = 0
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i : i + chunk]
+        if not bool(torch.isfinite(part).all()):
+            bad += int((~torch.isfinite(part)).sum())
+    return bad
 
 
 @dataclass
@@ -116,8 +130,17 @@ class SAE:
             (SAELens' TopK option); decode divides by the norm again.
         hook_name, model_name, hook_layer, metadata: where the SAE belongs (kept, not used
             by the maths).
+        check_finite: refuse weights (and thresholds) with NaN or infinite entries, which
+            would give NaN scores and empty selections. One pass over the weights; pass
+            False to skip it for an SAE whose weights are known to be finite (the loaders
+            check their files themselves and skip it).
 
     All weights end up on one device with one dtype (that of ``W_enc``).
+
+    Raises:
+        InputError: weights of the wrong type, dtype or shape; an unknown activation or
+            normalisation; a topk ``k`` outside ``1..d_sae``; a jumprelu SAE without
+            ``threshold``; non-finite weights.
     """
 
     def __init__(
@@ -137,6 +160,7 @@ class SAE:
         model_name: str | None = None,
         hook_layer: int | None = None,
         metadata: dict[str, Any] | None = None,
+        check_finite: bool = True,
     ):
         activation = str(activation).lower()
         if activation == "batchtopk":
@@ -188,6 +212,11 @@ class SAE:
             k = int(k)
             if k < 1:
                 raise InputError(f"k must be >= 1, got {k}")
+            if k > d_sae:
+                raise InputError(
+                    f"k={k} is more than the SAE's d_sae={d_sae} latents; a topk SAE keeps at most all of "
+                    f"its latents per row: pass k <= {d_sae}"
+                )
             self.k: int | None = k
         else:
             self.k = None
@@ -208,6 +237,20 @@ class SAE:
         self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
         self.meta = SAEMeta(hook_name, model_name, hook_layer, dict(metadata or {}))
         self._cache: dict[str, tuple] = {}
+        if check_finite:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        named = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            named["threshold"] = self.threshold
+        for name, t in named.items():
+            bad = non_finite_count(t)
+            if bad:
+                raise InputError(
+                    f"{name} has {bad} NaN or infinite entries (of {t.numel()}); an SAE needs finite "
+                    "weights (check_finite=False skips this check)"
+                )
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -243,7 +286,8 @@ class SAE:
         )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
-        """A copy of this SAE on ``device`` and/or with weights in ``dtype``."""
+        """A copy of this SAE on ``device`` and/or with weights in ``dtype`` (a narrower dtype
+        whose range the weights exceed raises :class:`InputError`)."""
         def mv(t):
             return None if t is None else t.to(device=device or self.device, dtype=dtype or self.dtype)
 
@@ -255,6 +299,7 @@ class SAE:
             rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
             hook_name=self.meta.hook_name, model_name=self.meta.model_name,
             hook_layer=self.meta.hook_layer, metadata=self.meta.extra,
+            check_finite=dtype is not None and dtype != self.dtype,  # a cast can overflow
         )
         return out
 

@@ -141,3 +141,36 @@ def test_sae_dtype_differs_from_inputs():
     ref = gradsae.influence(x.float(), x.float(), sae)
     torch.testing.assert_close(out.scores, ref.scores)
 
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_k_beyond_d_sae_is_refused(activation):
+    sae = random_sae(8, 32, activation, k=4)
+    x = torch.randn(3, 8)
+    with pytest.raises(gradsae.InputError, match=r"k=5000 is more than the SAE's d_sae=32 latents.*pass k <= 32"):
+        gradsae.influence(x, x, sae, k=5000)
+    with pytest.raises(gradsae.InputError, match="k=33 is more than"):
+        gradsae.encode_sparse(x, sae, k=33)
+    with pytest.raises(gradsae.InputError, match="k=33 is more than"):
+        gradsae.accumulate_influence(x, x, sae, k=33)
+    assert gradsae.influence(x, x, sae, k=32).K == 32
+
+
+def test_lossy_input_cast_warns_once(monkeypatch):
+    """float64 inputs to a float32 SAE are encoded in float32: one GradSAEWarning says so;
+    widening casts (bfloat16 inputs) say nothing."""
+    from gradsae.op import api as op
+
+    monkeypatch.setattr(op, "_warned_casts", set())
+    sae = random_sae(8, 32, "topk", k=4)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.warns(gradsae.GradSAEWarning, match=r"inputs are torch.float64 but the SAE's weights are "
+                                                    r"torch.float32.*sae.to\(dtype=torch.float64\)"):
+        out = gradsae.influence(x, x, sae)
+    torch.testing.assert_close(out.scores, gradsae.influence(x.float(), x.float(), sae).scores)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradsae.influence(x, x, sae)  # once only
+        gradsae.encode_sparse(x, sae)
+        gradsae.influence(x.bfloat16(), x.bfloat16(), sae)  # lossless: silent

@@ -12,17 +12,20 @@ same shape), the SAE's active latents ``j`` get
 in ``K`` slots per row, ``indices[.., s] = j`` (-1 marks an empty slot). No dense
 ``[tokens, d_sae]`` activation or gradient tensor is built by any backend.
 
-Every function here checks its inputs and refuses what it cannot serve with an
+Inputs are cast to the SAE's dtype before encoding: a float64 ``x`` with a float32 SAE is
+encoded in float32 (a :class:`~gradsae.errors.GradSAEWarning` says so once per pair of
+dtypes). Every function here checks its inputs and refuses what it cannot serve with an
 :class:`~gradsae.errors.InputError` that names the argument and what is allowed.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import InputError
+from ..errors import GradSAEWarning, InputError
 from ..sae import SAE
 from .capacity import run_sized
 from .contract import Request, Selection, acc_dtype
@@ -116,17 +119,41 @@ def _check_tensor(name: str, t, sae: SAE) -> None:
 
 
 def resolve_k(sae: SAE, k) -> int | None:
-    """The slots per row the caller asks for: ``k`` checked, or the SAE's own ``k`` (topk) /
-    None (threshold: sized to the fullest row) when ``k`` is None."""
+    """The slots per row the caller asks for: ``k`` checked against the SAE, or the SAE's own
+    ``k`` (topk) / None (threshold: sized to the fullest row) when ``k`` is None."""
     if k is None:
-        k = sae.k
-    elif isinstance(k, bool) or not isinstance(k, int):
+        return sae.k
+    if isinstance(k, bool) or not isinstance(k, int):
         raise InputError(f"k must be an int or None, got {k!r}")
-    elif k < 1:
+    if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
-    if k is not None and sae.activation == "topk":
-        return min(k, sae.d_sae)  # a top-k of all latents keeps them all
+    if k > sae.d_sae:
+        what = "latents kept per row" if sae.activation == "topk" else "a capacity of slots per row"
+        raise InputError(
+            f"k={k} is more than the SAE's d_sae={sae.d_sae} latents (k is {what}); pass k <= {sae.d_sae}"
+            + ("" if sae.activation == "topk" else ", or k=None to size the output to the fullest row")
+        )
     return k
+
+
+_warned_casts: set[tuple[torch.dtype, torch.dtype]] = set()
+
+
+def _warn_lossy_cast(dtype: torch.dtype, sae: SAE) -> None:
+    """One warning per (input dtype, SAE dtype) when encoding in the SAE's dtype loses
+    precision or range (float64 inputs to a float32 SAE, float32 to bfloat16, ...)."""
+    if dtype == sae.dtype or torch.promote_types(dtype, sae.dtype) == sae.dtype:
+        return
+    if (dtype, sae.dtype) in _warned_casts:
+        return
+    _warned_casts.add((dtype, sae.dtype))
+    warnings.warn(
+        f"inputs are {dtype} but the SAE's weights are {sae.dtype}: gradsae casts the inputs to "
+        f"{sae.dtype}, so results have {sae.dtype} precision. Pass {sae.dtype} inputs, or convert "
+        f"the SAE with sae.to(dtype={dtype}) (this warning is shown once)",
+        GradSAEWarning,
+        stacklevel=4,
+    )
 
 
 @dataclass
@@ -162,6 +189,7 @@ def prepare(x, grad, sae, k, check_finite: bool) -> Prepared:
         if grad.dtype != x.dtype:
             raise InputError(f"x is {x.dtype} but grad is {grad.dtype}; pass both in one dtype")
     K = resolve_k(sae, k)
+    _warn_lossy_cast(x.dtype, sae)
     x2 = x.detach().reshape(-1, sae.d_in)
     g2 = grad.detach().reshape(-1, sae.d_in) if grad is not None else None
     if check_finite and x2.numel():
@@ -186,10 +214,10 @@ def influence(
     """Activation x gradient of the SAE's active latents, without dense latents.
 
     Args:
-        x: the hook's input (what the SAE encodes), ``[..., d_in]``.
+        x: the hook's input (what the SAE encodes), ``[..., d_in]``; cast to the SAE's dtype.
         grad: dY/d(hook output), ``[..., d_in]``, same shape and dtype as ``x``.
         sae: a :class:`gradsae.SAE` (or a live SAELens / sparsify / dictionary_learning SAE).
-        k: slots per row. TopK SAEs: default the SAE's ``k`` (a different value
+        k: slots per row, ``1..d_sae``. TopK SAEs: default the SAE's ``k`` (a different value
             overrides how many latents are kept). Threshold SAEs (jumprelu/relu): a capacity;
             a row with more active latents raises :class:`CapacityError`; ``None`` sizes the
             output to the fullest row.
