@@ -11,8 +11,7 @@ from .model import Attribution, GradSAE, PromptScores, ScoreResult
 from .op import Influence, accumulate_influence, available_backends, encode_sparse, influence, influence_at
 from .sae import SAE
 from .stats import LatentStats
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "SAE",
