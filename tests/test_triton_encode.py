@@ -92,8 +92,9 @@ def test_indices_above_16_bits(activation):
 
 def assert_exact_topk(acts, idx, exact, k, tol=1e-4):
     """A float32 top-k equals the float64 one: the same index set wherever the k-th and
-    (k+1)-th values are more than ``tol`` apart (DESIGN §5), the kernel's values equal the
-    exact values of the latents it picked, and its sorted values equal the exact top-k."""
+    (k+1)-th values are more than ``tol`` apart (docs/design.md, "How we test"), the kernel's
+    values equal the exact values of the latents it picked, and its sorted values equal the
+    exact top-k."""
     acts, idx = acts.cpu().double(), idx.cpu()
     want = exact.cpu().topk(min(k + 1, exact.shape[-1]))
     kth = want.values[:, k - 1]
