@@ -70,14 +70,19 @@ def _service(name: str) -> Callable:
 
 
 def non_finite_count(t: torch.Tensor, chunk: int = FINITE_CHUNK) -> int:
-    """How many entries of ``t`` are NaN or infinite, checked ``chunk`` elements at a time so
-    no temporary as large as ``t`` is made (0 for a finite tensor, which costs one pass)."""
+    """How many entries of ``t`` are NaN or infinite (0 for a finite tensor).
+
+    A finite tensor costs one ``aminmax`` pass and no temporary (NaN and inf propagate to the
+    min or the max); only a tensor that has some is counted, ``chunk`` elements at a time."""
     flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(flat)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return 0
     bad = 0
     for i in range(0, flat.numel(), chunk):
-        part = flat[i : i + chunk]
-        if not bool(torch.isfinite(part).all()):
-            bad += int((~torch.isfinite(part)).sum())
+        bad += int((~torch.isfinite(flat[i : i + chunk])).sum())
     return bad
 
 
