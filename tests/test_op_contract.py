@@ -5,7 +5,15 @@ import torch
 from oracle import random_sae
 
 import gradsae
-from gradsae.op import Request, choose_backend, dispatch, get_backend, register_backend, unregister_backend
+from gradsae.op import (
+    PRIORITY,
+    Request,
+    choose_backend,
+    dispatch,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
 
 
 @pytest.fixture
@@ -174,3 +182,28 @@ def test_lossy_input_cast_warns_once(monkeypatch):
         gradsae.influence(x, x, sae)  # once only
         gradsae.encode_sparse(x, sae)
         gradsae.influence(x.bfloat16(), x.bfloat16(), sae)  # lossless: silent
+
+
+def _params(fn):
+    import inspect
+
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", [n for n, _ in PRIORITY])
+def test_builtin_backends_keep_the_protocols_signatures(name):
+    """One signature per method: every built-in backend has the required methods and, for
+    each optional one it has, exactly the parameters the protocol declares."""
+    from gradsae.op import contract
+
+    cls = type(get_backend(name))
+    assert cls.name == name
+    for m in ("unsupported", "select", "influence"):
+        assert _params(getattr(cls, m)) == _params(getattr(contract.Backend, m)), (name, m)
+    for m, proto in contract.OPTIONAL.items():
+        if hasattr(cls, m):
+            assert _params(getattr(cls, m)) == _params(getattr(proto, m)), (name, m)
+    have = {m for m in contract.OPTIONAL if hasattr(cls, m)}
+    assert have == {"reference": {"gather_dot"},
+                    "triton": {"gather_dot", "decode_sparse", "accumulate", "describe"},
+                    "cuda": {"gather_dot", "accumulate", "describe"}}[name]

@@ -3,7 +3,8 @@
 - :mod:`.api`: :func:`influence`, :func:`encode_sparse`, :func:`influence_at`,
   :func:`decode_sparse`, the :class:`Influence` result, and the input checks;
 - :mod:`.accumulate`: :func:`accumulate_influence` (influence straight into LatentStats);
-- :mod:`.contract`: :class:`Request`, :class:`Selection`, the :class:`Backend` protocol;
+- :mod:`.contract`: :class:`Request`, :class:`Selection`, the :class:`Backend` protocol and
+  its optional parts;
 - :mod:`.dispatch`: the :data:`PRIORITY` list and the choice of a backend per call;
 - :mod:`.capacity`: how many slots a row of a threshold SAE gets.
 
@@ -15,7 +16,7 @@ the dispatcher loads them by name. Importing this package also serves
 from .. import sae as _sae
 from .accumulate import accumulate_influence
 from .capacity import INITIAL_CAPACITY
-from .contract import MAX_K, Backend, Request, Selection, acc_dtype
+from .contract import MAX_K, Accumulate, Backend, Describe, GatherDot, Request, Selection, SparseDecode, acc_dtype
 from .dispatch import (
     PRIORITY,
     available_backends,
@@ -32,7 +33,11 @@ _sae.provide("encode_sparse", encode_sparse)
 _sae.provide("decode_sparse", decode_sparse)
 
 __all__ = [
+    "Accumulate",
     "Backend",
+    "Describe",
+    "GatherDot",
+    "SparseDecode",
     "INITIAL_CAPACITY",
     "Influence",
     "MAX_K",

@@ -1,6 +1,7 @@
 """The contract between the influence op and its backends: what a backend is asked
 (:class:`Request`), what it answers (:class:`Selection`), and the methods it has
-(:class:`Backend`).
+(:class:`Backend`, and the optional :class:`GatherDot`, :class:`SparseDecode`,
+:class:`Accumulate`, :class:`Describe`).
 
 The op (:mod:`gradsae.op.api`) checks and flattens the user's inputs, picks a backend
 (:mod:`gradsae.op.dispatch`), sizes the output of threshold SAEs
@@ -12,7 +13,7 @@ beyond that: dY/dz of those slots, a sparse decode, a fused statistics update.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import torch
 
@@ -89,15 +90,14 @@ class Selection:
         return Selection(cut(self.indices), cut(self.acts), self.counts, self.row_scale, cut(self.grads))
 
 
-@runtime_checkable
 class Backend(Protocol):
-    """What a backend of the influence op provides.
+    """What every backend of the influence op provides: :attr:`name`, :meth:`unsupported`,
+    :meth:`select`, :meth:`influence`.
 
-    Required: :attr:`name`, :meth:`unsupported`, :meth:`select`, :meth:`influence`.
-    Optional (the op checks with ``hasattr`` and otherwise runs its PyTorch form):
-    :meth:`gather_dot`, :meth:`decode_sparse`, :meth:`accumulate`, :meth:`describe`. A backend
-    leaves out what it has no kernel for; this class declares the optional methods so their
-    signatures are written down once, but a backend need not inherit from it.
+    A backend may also have any of the optional methods declared by :class:`GatherDot`,
+    :class:`SparseDecode`, :class:`Accumulate` and :class:`Describe`, with exactly those
+    signatures; the op looks for them by name (:data:`OPTIONAL`) and, where a backend has
+    none, runs its own PyTorch form. A backend need not inherit from any of these classes.
 
     Backends compute; the op decides. In particular the op, not a backend, owns the capacity
     of threshold SAEs: a backend fills at most ``req.k`` slots per row and reports every row's
@@ -120,7 +120,10 @@ class Backend(Protocol):
         """:meth:`select` and the gradient of every filled slot:
         ``grads = row_scale * col_scale[j] * (W_dec[j] . grad)`` (0 in empty slots)."""
 
-    # ------------------------------------------------------------------ optional
+
+class GatherDot(Protocol):
+    """Optional: the gather-dot alone."""
+
     def gather_dot(self, W_dec: torch.Tensor, idx: torch.Tensor, D: torch.Tensor,
                    row_scale: torch.Tensor | None = None,
                    col_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,19 +131,40 @@ class Backend(Protocol):
         0 where ``idx < 0``; ``[N, K]`` in float32 (float64 for float64 weights). Serves
         :func:`gradsae.influence_at` (the backward of a spliced model)."""
 
+
+class SparseDecode(Protocol):
+    """Optional: a sparse-decode kernel."""
+
     def decode_sparse(self, sae, idx: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         """``(acts * col_scale[idx]) @ W_dec[idx] + b_dec`` per row, ``[..., d_in]`` in the
         SAE's dtype, before de-normalisation, differentiable in ``acts`` (its backward is the
         gather-dot). Serves the splice's forward."""
 
+
+class Accumulate(Protocol):
+    """Optional: a fused statistics update."""
+
     def accumulate(self, req: Request, sel: Selection, tables: dict[str, torch.Tensor],
                    mask: torch.Tensor | None) -> None:
-        """Add the influence of the slots of ``sel`` (a :meth:`select` answer for ``req``) to
-        per-latent ``tables`` without returning per-token scores: ``tables`` maps every name
-        of :data:`gradsae.stats.FIELDS` to a contiguous ``[d_sae]`` tensor on ``req``'s device
-        (int64 ``count``, float64 sums and max). ``mask`` ``[N]`` bool selects the rows that
-        count (None: all). With ``req.deterministic`` the sums must be bitwise repeatable.
-        The op counts tokens."""
+        """Add the influence of the slots of ``sel`` (a :meth:`Backend.select` answer for
+        ``req``) to per-latent ``tables`` without returning per-token scores: ``tables`` maps
+        every name of :data:`gradsae.stats.FIELDS` to a contiguous ``[d_sae]`` tensor on
+        ``req``'s device (int64 ``count``, float64 sums and max). ``mask`` ``[N]`` bool selects
+        the rows that count (None: all). With ``req.deterministic`` the sums must be bitwise
+        repeatable. The op counts tokens."""
+
+
+class Describe(Protocol):
+    """Optional: facts for ``gradsae info``."""
 
     def describe(self) -> dict:
-        """Facts for ``gradsae info``: versions, compiled architectures, limits."""
+        """Versions, compiled architectures, limits."""
+
+
+REQUIRED = ("name", "unsupported", "select", "influence")
+OPTIONAL: dict[str, type] = {
+    "gather_dot": GatherDot,
+    "decode_sparse": SparseDecode,
+    "accumulate": Accumulate,
+    "describe": Describe,
+}

@@ -19,7 +19,7 @@ import importlib
 from dataclasses import replace
 
 from ..errors import BackendError
-from .contract import Backend, Request
+from .contract import OPTIONAL, REQUIRED, Backend, Request
 
 # The built-in backends, first choice first, and the modules that implement them. The
 # reference serves every input and stays last: it is the fallback.
@@ -69,7 +69,7 @@ def register_backend(backend: Backend, priority: int | None = None) -> None:
     the dispatch list at position ``priority`` (default: just before ``reference``, which
     stays the last resort). A backend of the same name is replaced."""
     _ensure_loaded()
-    missing = [m for m in ("name", "unsupported", "select", "influence") if not hasattr(backend, m)]
+    missing = [m for m in REQUIRED if not hasattr(backend, m)]
     if missing:
         raise BackendError(f"{type(backend).__name__} is not a backend: it has no {', '.join(missing)}")
     name = backend.name
@@ -133,6 +133,8 @@ def choose_optional(req: Request, method: str, backend: str = "auto", *, strict:
     :class:`BackendError`; one that lacks ``method`` raises too when ``strict``, else gives
     None (the splice's rule: the backend the user chose runs what it has kernels for)."""
     _ensure_loaded()
+    if method not in OPTIONAL:
+        raise ValueError(f"{method!r} is not an optional backend method; expected one of {sorted(OPTIONAL)}")
     if backend != "auto":
         b = choose_backend(req, backend)
         if hasattr(b, method):
