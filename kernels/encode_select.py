@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gradsae.op.contract import MAX_K  # absolute: this folder may also be found as a top-level `kernels`
 from .topk import EMPTY_KEY, merge_partials, merge_running_topk, pack_keys
 from .tuning import (
     SPLIT_GRANULE,
@@ -32,8 +33,6 @@ from .tuning import (
     num_sms,
     prune_encode_configs,
 )
-
-MAX_K = 256
 
 
 @triton.jit
