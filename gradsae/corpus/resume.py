@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import GradSAEError, InputError
 from ..fsutil import atomic_write, save_safetensors
-from ..stats import SUM_FIELDS, LatentStats
+from ..stats import FIELDS, LatentStats
 from .batching import Cursor
 from .config import RunConfig
 from .data import Corpus
@@ -292,7 +292,7 @@ def load_checkpoint(path, device="cpu") -> tuple[LatentStats, TopExamples, RunSt
     d_sae = tensors["stats.count"].shape[0]
     stats = LatentStats(d_sae, device=device, dtype=tensors["stats.act_sum"].dtype)
     stats.tokens = int(raw["tokens"])
-    for k in ("count", "score_max", *SUM_FIELDS):
+    for k in FIELDS:
         setattr(stats, k, tensors["stats." + k].to(device))
     examples = TopExamples.from_dict(tensors, device=device)
     return stats, examples, RunState.from_json(raw)

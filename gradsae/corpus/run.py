@@ -60,9 +60,9 @@ def _model_name(model) -> str:
 
 
 def _versions() -> dict:
-    import gradsae
+    from ..version import __version__
 
-    out = {"gradsae": gradsae.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {"gradsae": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import transformers
 
