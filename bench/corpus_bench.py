@@ -116,7 +116,7 @@ def child(args) -> dict:
         ok = reset_peak_rss()
         c = time.process_time()
         t = time.perf_counter()
-        res = gradsae.score_corpus(model, sae, args.data, hook=f"blocks.{args.layer}.hook_resid_post",
+        res = gradsae.score_corpus(model, sae, args.data, hook=f"blocks.{args.layer}.hook_resid_post", objective="loss",
                                    tokenizer=tok, out=args.outdir, overwrite=True, max_length=args.max_length,
                                    batch_tokens=args.batch_tokens, progress=False)
         out["seconds"] = time.perf_counter() - t

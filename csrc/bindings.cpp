@@ -1,13 +1,17 @@
 // pybind11 module gradsae._C: the CUDA kernels behind raw device pointers (ints), sizes,
 // strides, dtype codes (0 float32, 1 float16, 2 bfloat16) and a stream handle (int). It does
 // not link libtorch, so it builds against any torch; cudart is linked statically and nothing
-// touches the device at import.
+// touches the device at import. The LatentStats tables travel as one sequence of pointers in
+// the order of STATS_FIELDS (csrc/stats_fields.h).
 
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
+#include <stdexcept>
+
 #include "launch.h"
 #include "select.cuh"
+#include "stats_fields.h"
 
 #if __has_include("gradsae_build_info.h")
 #include "gradsae_build_info.h"  // GRADSAE_ARCHS, written by csrc/build.py
@@ -37,6 +41,27 @@ static T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
+// The table pointers of a STATS_FIELDS-ordered sequence (empty: no statistics).
+static StatsTables stats_tables(const py::sequence& s, const char* fn) {
+  StatsTables t{};
+  if (py::len(s) == 0) return t;
+  if (py::len(s) != kNumStatsFields)
+    throw std::invalid_argument(std::string("gradsae._C.") + fn + ": stats needs " + std::to_string(kNumStatsFields) +
+                                " table pointers in STATS_FIELDS order, got " + std::to_string(py::len(s)));
+#define GRADSAE_STATS_FILL(name, type) t.name = ptr<type>(s[kStats_##name].cast<uintptr_t>());
+  GRADSAE_STATS_FIELDS(GRADSAE_STATS_FILL)
+#undef GRADSAE_STATS_FILL
+  return t;
+}
+
+static py::tuple stats_field_names() {
+  py::list names;
+#define GRADSAE_STATS_NAME(name, type) names.append(#name);
+  GRADSAE_STATS_FIELDS(GRADSAE_STATS_NAME)
+#undef GRADSAE_STATS_NAME
+  return py::tuple(names);
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "gradsae CUDA kernels: fused encode + selection, split merge, gather-dot, LatentStats accumulation";
   m.attr("MAX_K") = kMaxK;
@@ -44,6 +69,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FLOAT32") = static_cast<int>(kFloat32);
   m.attr("FLOAT16") = static_cast<int>(kFloat16);
   m.attr("BFLOAT16") = static_cast<int>(kBFloat16);
+  m.attr("STATS_FIELDS") = stats_field_names();
 
   m.def("compiled_archs", &compiled_archs, "GPU architectures compiled in (SASS sm_XX, PTX compute_XX)");
   m.def("cuda_runtime_version", &cuda_runtime_version, "CUDA runtime version the module was built with (e.g. 13000)");
@@ -94,35 +120,32 @@ PYBIND11_MODULE(_C, m) {
       "gather_dot",
       [](int device, uintptr_t stream, uintptr_t w, int64_t w_stride, int w_dtype, uintptr_t d, int64_t d_stride,
          int d_dtype, uintptr_t idx, int64_t n, int K, int d_in, uintptr_t row_scale, uintptr_t col_scale,
-         uintptr_t out, bool vec, uintptr_t acts, uintptr_t mask, uintptr_t count, uintptr_t act_sum,
-         uintptr_t score_sum, uintptr_t relu_sum, uintptr_t abs_sum, uintptr_t score_max) {
+         uintptr_t out, bool vec, uintptr_t acts, uintptr_t mask, const py::sequence& stats) {
         GatherArgs a{ptr<const void>(w), w_stride, w_dtype, ptr<const void>(d), d_stride, d_dtype,
                      ptr<const int64_t>(idx), n, K, d_in, ptr<const float>(row_scale), ptr<const float>(col_scale),
-                     ptr<float>(out), vec, ptr<const float>(acts), ptr<const bool>(mask), ptr<long long>(count),
-                     ptr<double>(act_sum), ptr<double>(score_sum), ptr<double>(relu_sum), ptr<double>(abs_sum),
-                     ptr<double>(score_max)};
+                     ptr<float>(out), vec, ptr<const float>(acts), ptr<const bool>(mask),
+                     stats_tables(stats, "gather_dot")};
         py::gil_scoped_release nogil;
         gather_dot(device, stream, a);
       },
       py::arg("device"), py::arg("stream"), py::arg("w"), py::arg("w_stride"), py::arg("w_dtype"), py::arg("d"),
       py::arg("d_stride"), py::arg("d_dtype"), py::arg("idx"), py::arg("n"), py::arg("K"), py::arg("d_in"),
       py::arg("row_scale") = 0, py::arg("col_scale") = 0, py::arg("out") = 0, py::arg("vec") = false,
-      py::arg("acts") = 0, py::arg("mask") = 0, py::arg("count") = 0, py::arg("act_sum") = 0,
-      py::arg("score_sum") = 0, py::arg("relu_sum") = 0, py::arg("abs_sum") = 0, py::arg("score_max") = 0,
-      "gather-dot of W rows with D rows (0 = null pointer); with stats buffers, fused LatentStats atomics");
+      py::arg("acts") = 0, py::arg("mask") = 0, py::arg("stats") = py::tuple(),
+      "gather-dot of W rows with D rows (0 = null pointer); with stats (table pointers in STATS_FIELDS "
+      "order), fused LatentStats atomics");
 
   m.def(
       "segment_stats",
-      [](int device, uintptr_t stream, uintptr_t j, uintptr_t acts, uintptr_t scores, int64_t m_, uintptr_t count,
-         uintptr_t act_sum, uintptr_t score_sum, uintptr_t relu_sum, uintptr_t abs_sum, uintptr_t score_max) {
+      [](int device, uintptr_t stream, uintptr_t j, uintptr_t acts, uintptr_t scores, int64_t m_,
+         const py::sequence& stats) {
+        StatsTables t = stats_tables(stats, "segment_stats");
         py::gil_scoped_release nogil;
-        segment_stats(device, stream, ptr<const int64_t>(j), ptr<const float>(acts), ptr<const float>(scores), m_,
-                      ptr<long long>(count), ptr<double>(act_sum), ptr<double>(score_sum), ptr<double>(relu_sum),
-                      ptr<double>(abs_sum), ptr<double>(score_max));
+        segment_stats(device, stream, ptr<const int64_t>(j), ptr<const float>(acts), ptr<const float>(scores), m_, t);
       },
       py::arg("device"), py::arg("stream"), py::arg("j"), py::arg("acts"), py::arg("scores"), py::arg("m"),
-      py::arg("count"), py::arg("act_sum"), py::arg("score_sum"), py::arg("relu_sum"), py::arg("abs_sum"),
-      py::arg("score_max"), "deterministic LatentStats update from entries sorted by latent");
+      py::arg("stats"),
+      "deterministic LatentStats update from entries sorted by latent (stats: table pointers in STATS_FIELDS order)");
 
   register_stream(m);
 }

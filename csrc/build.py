@@ -27,7 +27,7 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("encode.cu", "gather.cu", "stream.cu", "bindings.cpp", "stream_bindings.cpp")
-HEADERS = ("select.cuh", "common.cuh", "launch.h", "stream.cuh", "stream.h")
+HEADERS = ("select.cuh", "common.cuh", "launch.h", "stats_fields.h", "stream.cuh", "stream.h")
 DEFAULT_ARCHS = ("80", "90")
 NVCC_MISSING = (
     "gradsae: building the CUDA extension (GRADSAE_BUILD_CUDA=1) needs nvcc, the CUDA compiler, "

@@ -52,28 +52,28 @@ __global__ void __launch_bounds__(NT) gather_dot_kernel(const GatherArgs p) {
   }
   if (lane != 0) return;
   if (p.out) p.out[gw] = g;
-  if (p.count && j >= 0 && (!p.mask || p.mask[row])) {
+  const StatsTables& t = p.stats;
+  if (t.count && j >= 0 && (!p.mask || p.mask[row])) {
     const float a32 = p.acts[gw];
     const double a = a32;
     const double s = (double)(a32 * g);  // the float32 score, as Influence.scores holds it
-    atomicAdd(reinterpret_cast<unsigned long long*>(p.count + j), 1ull);
-    atomicAdd(p.act_sum + j, a);
-    atomicAdd(p.score_sum + j, s);
-    atomicAdd(p.relu_sum + j, s > 0.0 ? s : 0.0);
-    atomicAdd(p.abs_sum + j, fabs(s));
-    atomic_max_double(p.score_max + j, s);
+    atomicAdd(reinterpret_cast<unsigned long long*>(t.count + j), 1ull);
+    atomicAdd(t.act_sum + j, a);
+    atomicAdd(t.score_sum + j, s);
+    atomicAdd(t.relu_sum + j, s > 0.0 ? s : 0.0);
+    atomicAdd(t.abs_sum + j, fabs(s));
+    atomic_max_double(t.score_max + j, s);
   }
 }
 
 __global__ void __launch_bounds__(NT) segment_stats_kernel(const int64_t* __restrict__ j, const float* __restrict__ acts,
                                                            const float* __restrict__ scores, int64_t m,
-                                                           long long* count, double* act_sum, double* score_sum,
-                                                           double* relu_sum, double* abs_sum, double* score_max) {
+                                                           const StatsTables t) {
   const int64_t i = (int64_t)blockIdx.x * NT + threadIdx.x;
   if (i >= m || (i > 0 && j[i] == j[i - 1])) return;  // one thread per segment start
   const int64_t jj = j[i];
   long long c = 0;
-  double sa = 0.0, ss = 0.0, sr = 0.0, sb = 0.0, mx = score_max[jj];
+  double sa = 0.0, ss = 0.0, sr = 0.0, sb = 0.0, mx = t.score_max[jj];
   for (int64_t e = i; e < m && j[e] == jj; ++e) {
     const double s = scores[e];
     ++c;
@@ -83,12 +83,12 @@ __global__ void __launch_bounds__(NT) segment_stats_kernel(const int64_t* __rest
     sb += fabs(s);
     mx = s > mx ? s : mx;
   }
-  count[jj] += c;
-  act_sum[jj] += sa;
-  score_sum[jj] += ss;
-  relu_sum[jj] += sr;
-  abs_sum[jj] += sb;
-  score_max[jj] = mx;
+  t.count[jj] += c;
+  t.act_sum[jj] += sa;
+  t.score_sum[jj] += ss;
+  t.relu_sum[jj] += sr;
+  t.abs_sum[jj] += sb;
+  t.score_max[jj] = mx;
 }
 
 template <typename TW, typename TD>
@@ -103,8 +103,9 @@ void launch_gather(const GatherArgs& a, cudaStream_t s) {
 
 void gather_dot(int device, uintptr_t stream, const GatherArgs& a) {
   if (a.n * a.K == 0) return;
-  if (a.count && !(a.acts && a.act_sum && a.score_sum && a.relu_sum && a.abs_sum && a.score_max))
-    throw std::invalid_argument("gradsae._C.gather_dot: fused statistics need acts and every stats buffer");
+  const StatsTables& t = a.stats;
+  if (t.count && !(a.acts && t.act_sum && t.score_sum && t.relu_sum && t.abs_sum && t.score_max))
+    throw std::invalid_argument("gradsae._C.gather_dot: fused statistics need acts and every stats table");
   if ((a.n * a.K + NWARPS - 1) / NWARPS > 0x7fffffffLL)
     throw std::invalid_argument("gradsae._C.gather_dot: too many slots for one launch");
   use_device(device);
@@ -113,13 +114,14 @@ void gather_dot(int device, uintptr_t stream, const GatherArgs& a) {
 }
 
 void segment_stats(int device, uintptr_t stream, const int64_t* j, const float* acts, const float* scores, int64_t m,
-                   long long* count, double* act_sum, double* score_sum, double* relu_sum, double* abs_sum,
-                   double* score_max) {
+                   const StatsTables& t) {
   if (m <= 0) return;
+  if (!(t.count && t.act_sum && t.score_sum && t.relu_sum && t.abs_sum && t.score_max))
+    throw std::invalid_argument("gradsae._C.segment_stats: needs every stats table");
   use_device(device);
   const int64_t blocks = (m + NT - 1) / NT;
   segment_stats_kernel<<<(unsigned)blocks, NT, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
-      j, acts, scores, m, count, act_sum, score_sum, relu_sum, abs_sum, score_max);
+      j, acts, scores, m, t);
   check_cuda(cudaGetLastError(), "segment_stats");
 }
 

@@ -8,6 +8,8 @@
 
 #include <string>
 
+#include "stats_fields.h"
+
 namespace gradsae {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -48,8 +50,8 @@ void merge_threshold(int device, uintptr_t stream, const uint64_t* parts, const 
                      int cap, int cap_out, int64_t* idx, float* acts, int* row_counts);
 
 // g[r, s] = row_scale[r] * col_scale[j] * (W[j] . D[r]) for j = idx[r, s] >= 0, else 0.
-// With stats pointers set, also adds the active (and unmasked) slots into LatentStats
-// buffers with atomics (count int64, sums float64, score_max float64).
+// With stats tables set, also adds the active (and unmasked) slots into the LatentStats
+// tables with atomics (count int64, sums float64, score_max float64).
 struct GatherArgs {
   const void* w;        // [d_sae, d_in]
   int64_t w_stride;
@@ -64,24 +66,18 @@ struct GatherArgs {
   const float* col_scale;  // [d_sae] or nullptr
   float* out;              // [n, K] or nullptr
   bool vec;
-  // fused statistics (all nullptr = off)
+  // fused statistics (stats.count == nullptr = off)
   const float* acts;       // [n, K]
   const bool* mask;        // [n] or nullptr
-  long long* count;
-  double* act_sum;
-  double* score_sum;
-  double* relu_sum;
-  double* abs_sum;
-  double* score_max;
+  StatsTables stats;
 };
 
 void gather_dot(int device, uintptr_t stream, const GatherArgs& a);
 
 // Deterministic statistics: entries sorted by latent (j ascending, ties in input order) are
-// reduced per latent in that order by one thread each, then added to the buffers.
+// reduced per latent in that order by one thread each, then added to the tables.
 void segment_stats(int device, uintptr_t stream, const int64_t* j, const float* acts, const float* scores, int64_t m,
-                   long long* count, double* act_sum, double* score_sum, double* relu_sum, double* abs_sum,
-                   double* score_max);
+                   const StatsTables& t);
 
 std::string compiled_archs();
 int cuda_runtime_version();

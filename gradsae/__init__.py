@@ -5,16 +5,13 @@ GradSAE (Shu et al., EMNLP 2025) scores latent j at token t by activation x grad
 ``[tokens, d_sae]`` tensor, with interchangeable backends (PyTorch reference, Triton, CUDA).
 """
 
-from .accumulate import accumulate_influence
-from .backends import available_backends
-from .errors import BackendError, CapacityError, GradSAEError, InputError, SAEFormatError
-from .influence import Influence, encode_sparse, influence, influence_at
+from .errors import BackendError, CapacityError, GradSAEError, GradSAEWarning, InputError, SAEFormatError
 from .loading import load_sae
 from .model import Attribution, GradSAE, PromptScores, ScoreResult
+from .op import Influence, accumulate_influence, available_backends, encode_sparse, influence, influence_at
 from .sae import SAE
 from .stats import LatentStats
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "SAE",
@@ -35,6 +32,7 @@ __all__ = [
     "InputError",
     "CapacityError",
     "BackendError",
+    "GradSAEWarning",
     "__version__",
     "score_corpus",
 ]

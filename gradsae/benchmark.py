@@ -163,14 +163,16 @@ def slug(name: str) -> str:
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--d-in", dest="d_in", type=int, default=768)
-    p.add_argument("--d-sae", dest="d_sae", type=int, default=32768)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="reference", help="gradsae backend to measure")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--T", type=int, default=2048, help="tokens (rows of x and grad) (default 2048)")
+    p.add_argument("--d-in", dest="d_in", type=int, default=768, help="SAE input width (default 768)")
+    p.add_argument("--d-sae", dest="d_sae", type=int, default=32768, help="SAE latents (default 32768)")
+    p.add_argument("--k", type=int, default=64, help="TopK SAE's k (default 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the SAE and inputs (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda, cuda:N")
+    p.add_argument("--backend", default="reference",
+                   help="gradsae backend to measure (default reference; see `gradsae info`)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per variant; the median is reported (default 5)")
     p.add_argument("--out", default=None, help="results file (default bench/results/<device>.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)

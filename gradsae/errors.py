@@ -25,3 +25,8 @@ class CapacityError(GradSAEError, RuntimeError):
 
 class BackendError(GradSAEError, RuntimeError):
     """No backend (or not the requested one) can serve an input; the message lists why."""
+
+
+class GradSAEWarning(UserWarning):
+    """Something gradsae did differently from what was asked, or dropped, and says so: a
+    lossy dtype cast of the inputs, donor latents skipped by a steering edit."""

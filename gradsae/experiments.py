@@ -16,8 +16,9 @@ Protocol (Shu et al.; semantics of the released code):
    and regenerate; report EM / F1 against the gold answers. Influential latents should hurt
    more when masked.
 3. **Steering**: zero the example's own Top-K and set a donor example's Top-K latents to the
-   donor's values (its activations at its trigger step's last position by default), at the
-   last position (released code) or at all positions (the paper's text). Report EM / F1
+   donor's values (its activations at its trigger step's last position by default; donor
+   latents not active there are left out, and listed in the record's ``donor_skipped``), at
+   the last position (released code) or at all positions (the paper's text). Report EM / F1
    against the example's own answers and against the donor's answers (steering success).
 4. Selections by GradSAE and by the activation baseline (mean activation over positions),
    for K in {1, 10, 20, 30, 50%}: 50% is half the latents active at the last position.
@@ -28,10 +29,11 @@ from __future__ import annotations
 import json
 import re
 import string
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from .errors import GradSAEWarning, InputError
 from .model.interventions import perturbation, steering
 
 PROMPT = (
@@ -232,12 +234,16 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
                     acc.setdefault((study, method, k, sel), []).append(rec)
             else:
                 dsc = donor.scores if method == "gradsae" else donor.scores.activation_baseline()
-                edit = steering(sc, dsc, k, values=donor_how, positions=steer_positions)
+                with warnings.catch_warnings():  # the skipped donor latents go into the record
+                    warnings.simplefilter("ignore", GradSAEWarning)
+                    edit = steering(sc, dsc, k, values=donor_how, positions=steer_positions)
                 own, vals = edit["zero"], edit["set"]
+                skipped = [j for j in dsc.top(k, False).tolist() if j not in vals]
                 with scorer.intervene(**edit):
                     a = ask(item.prompt)
                 rec = {"id": item.example["id"], "donor": donor.example["id"], "study": study, "method": method,
-                       "K": k, "selection": "top", "latents": own, "donor_latents": vals, "answer": a,
+                       "K": k, "selection": "top", "latents": own, "donor_latents": vals,
+                       "donor_skipped": skipped, "answer": a,
                        "em": exact_match(a, item.example["answers"]), "f1": f1(a, item.example["answers"]),
                        "donor_em": exact_match(a, donor.example["answers"]),
                        "donor_f1": f1(a, donor.example["answers"])}

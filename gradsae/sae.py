@@ -18,21 +18,72 @@ dY/dz = row_scale * col_scale * (W_dec_j . dY/dx_hat) for the active latents onl
 
 BatchTopK SAEs are evaluated with their learned inference threshold, i.e. as ``jumprelu``
 (``activation="batchtopk"`` is accepted as an alias that requires ``threshold``).
+
+This module is the bottom layer of gradsae: it imports nothing of gradsae but the errors.
+Four methods of :class:`SAE` are served by the layers above, which install them here when
+they are imported (see :func:`provide`): ``encode_sparse`` and ``decode_sparse`` by the op
+(:mod:`gradsae.op`, which picks a backend), ``save`` and ``from_object`` by the loaders
+(:mod:`gradsae.loading`). ``import gradsae`` imports all of them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .errors import InputError
+from .errors import GradSAEError, InputError
 
 ACTIVATIONS = ("topk", "jumprelu", "relu")
 NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
 LAYER_NORM_EPS = 1e-5
+# Elements checked for finiteness at once (bounds the temporary boolean tensor).
+FINITE_CHUNK = 1 << 24
+
+# ---------------------------------------------------------------------- served from above
+# The SAE methods whose machinery lives in higher layers, and who provides each.
+SERVICES = {
+    "encode_sparse": "gradsae.op",
+    "decode_sparse": "gradsae.op",
+    "save": "gradsae.loading",
+    "from_object": "gradsae.loading",
+}
+_services: dict[str, Callable] = {}
+
+
+def provide(service: str, fn: Callable) -> None:
+    """Install ``fn`` as the implementation of the SAE method ``service`` (one of
+    :data:`SERVICES`). Called by the layer that owns it when it is imported; the SAE maths
+    never imports upward."""
+    if service not in SERVICES:
+        raise ValueError(f"unknown SAE service {service!r}; expected one of {sorted(SERVICES)}")
+    _services[service] = fn
+
+
+def _service(name: str) -> Callable:
+    fn = _services.get(name)
+    if fn is None:  # only while gradsae is half imported
+        raise GradSAEError(f"SAE.{name} is served by {SERVICES[name]}, which is not imported; import gradsae")
+    return fn
+
+
+def non_finite_count(t: torch.Tensor, chunk: int = FINITE_CHUNK) -> int:
+    """How many entries of ``t`` are NaN or infinite (0 for a finite tensor).
+
+    A finite tensor costs one ``aminmax`` pass and no temporary (NaN and inf propagate to the
+    min or the max); only a tensor that has some is counted, ``chunk`` elements at a time."""
+    flat = t.detach().reshape(-1)
+    if flat.numel() == 0:
+        return 0
+    lo, hi = torch.aminmax(flat)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return 0
+    bad = 0
+    for i in range(0, flat.numel(), chunk):
+        bad += int((~torch.isfinite(flat[i : i + chunk])).sum())
+    return bad
 
 
 @dataclass
@@ -84,8 +135,17 @@ class SAE:
             (SAELens' TopK option); decode divides by the norm again.
         hook_name, model_name, hook_layer, metadata: where the SAE belongs (kept, not used
             by the maths).
+        check_finite: refuse weights (and thresholds) with NaN or infinite entries, which
+            would give NaN scores and empty selections. One pass over the weights; pass
+            False to skip it for an SAE whose weights are known to be finite (the loaders
+            check their files themselves and skip it).
 
     All weights end up on one device with one dtype (that of ``W_enc``).
+
+    Raises:
+        InputError: weights of the wrong type, dtype or shape; an unknown activation or
+            normalisation; a topk ``k`` outside ``1..d_sae``; a jumprelu SAE without
+            ``threshold``; non-finite weights.
     """
 
     def __init__(
@@ -105,6 +165,7 @@ class SAE:
         model_name: str | None = None,
         hook_layer: int | None = None,
         metadata: dict[str, Any] | None = None,
+        check_finite: bool = True,
     ):
         activation = str(activation).lower()
         if activation == "batchtopk":
@@ -156,6 +217,11 @@ class SAE:
             k = int(k)
             if k < 1:
                 raise InputError(f"k must be >= 1, got {k}")
+            if k > d_sae:
+                raise InputError(
+                    f"k={k} is more than the SAE's d_sae={d_sae} latents; a topk SAE keeps at most all of "
+                    f"its latents per row: pass k <= {d_sae}"
+                )
             self.k: int | None = k
         else:
             self.k = None
@@ -175,7 +241,21 @@ class SAE:
         self.normalize_activations = normalize_activations
         self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
         self.meta = SAEMeta(hook_name, model_name, hook_layer, dict(metadata or {}))
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, tuple] = {}
+        if check_finite:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        named = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+        if self.threshold is not None:
+            named["threshold"] = self.threshold
+        for name, t in named.items():
+            bad = non_finite_count(t)
+            if bad:
+                raise InputError(
+                    f"{name} has {bad} NaN or infinite entries (of {t.numel()}); an SAE needs finite "
+                    "weights (check_finite=False skips this check)"
+                )
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -211,7 +291,8 @@ class SAE:
         )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SAE":
-        """A copy of this SAE on ``device`` and/or with weights in ``dtype``."""
+        """A copy of this SAE on ``device`` and/or with weights in ``dtype`` (a narrower dtype
+        whose range the weights exceed raises :class:`InputError`)."""
         def mv(t):
             return None if t is None else t.to(device=device or self.device, dtype=dtype or self.dtype)
 
@@ -223,14 +304,19 @@ class SAE:
             rescale_acts_by_decoder_norm=self.rescale_acts_by_decoder_norm,
             hook_name=self.meta.hook_name, model_name=self.meta.model_name,
             hook_layer=self.meta.hook_layer, metadata=self.meta.extra,
+            check_finite=dtype is not None and dtype != self.dtype,  # a cast can overflow
         )
         return out
 
     # ------------------------------------------------------------------ derived tensors
-    def _cached(self, key: str, fn) -> torch.Tensor:
-        # Weights are treated as immutable once wrapped; the cache is keyed on their identity
-        # and version so an in-place edit (e.g. by a user steering experiment) invalidates it.
-        tag = (key, self.W_enc.data_ptr(), self.W_dec.data_ptr(), self.W_dec._version, self.W_enc._version)
+    def cached(self, key: str, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``fn()``, a tensor derived from the weights, computed once and kept under ``key``
+        until a weight changes (backends keep folded biases or casts here).
+
+        The entry is tagged with every weight's identity and version, so an in-place edit
+        (e.g. a steering experiment scaling ``W_dec``) or a replaced tensor recomputes it."""
+        tag = tuple((t.data_ptr(), t._version) for t in (self.W_enc, self.b_enc, self.W_dec, self.b_dec,
+                                                          self.threshold) if t is not None)
         hit = self._cache.get(key)
         if hit is not None and hit[0] == tag:
             return hit[1]
@@ -241,13 +327,13 @@ class SAE:
     def decoder_norm(self) -> torch.Tensor:
         """``||W_dec_j||`` for every latent, ``[d_sae]`` (computed in float32 or better)."""
         acc = torch.promote_types(self.dtype, torch.float32)
-        return self._cached("dec_norm", lambda: self.W_dec.to(acc).norm(dim=-1))
+        return self.cached("dec_norm", lambda: self.W_dec.to(acc).norm(dim=-1))
 
     def col_scale(self) -> torch.Tensor | None:
         """Per-latent factor of dY/dz: ``1/||W_dec_j||`` with decoder-norm rescaling, else None."""
         if not self.rescale_acts_by_decoder_norm:
             return None
-        return self._cached("col_scale", lambda: 1.0 / self.decoder_norm())
+        return self.cached("col_scale", lambda: 1.0 / self.decoder_norm())
 
     def selection_threshold(self) -> torch.Tensor | None:
         """Effective strict threshold ``max(threshold_j, 0)`` for jumprelu/relu SAEs
@@ -255,8 +341,8 @@ class SAE:
         if self.activation == "topk":
             return None
         if self.activation == "relu":
-            return self._cached("thr", lambda: torch.zeros(self.d_sae, device=self.device, dtype=self.dtype))
-        return self._cached("thr", lambda: self.threshold.clamp(min=0))
+            return self.cached("thr", lambda: torch.zeros(self.d_sae, device=self.device, dtype=self.dtype))
+        return self.cached("thr", lambda: self.threshold.clamp(min=0))
 
     # ------------------------------------------------------------------ maths
     def preprocess(self, x: torch.Tensor) -> tuple[torch.Tensor, NormState]:
@@ -327,16 +413,31 @@ class SAE:
             )
         return self.preprocess(x.detach())[1]
 
+    def linear_decode_sparse(self, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """The linear part of the decode for sparse latents, embedding-bag style:
+        ``sum_s values[.., s] * col_scale[j] * W_dec[j]`` over the slots ``j = indices[.., s]``
+        (-1 = empty, skipped), ``[..., d_in]``; no bias, no de-normalisation. Since decode is
+        affine in z, this is also the change of the output when latents change by ``values``.
+        """
+        valid = indices >= 0
+        idx = indices.clamp(min=0)
+        vals = values.to(self.dtype) * valid
+        if self.rescale_acts_by_decoder_norm:
+            vals = vals * self.col_scale().to(vals.dtype)[idx]
+        K = idx.shape[-1]
+        out = torch.nn.functional.embedding_bag(
+            idx.reshape(-1, K), self.W_dec, per_sample_weights=vals.reshape(-1, K), mode="sum"
+        )
+        return out.reshape(*indices.shape[:-1], self.d_in)
+
     def encode_sparse(self, x: torch.Tensor, k: int | None = None, backend: str = "auto"):
         """Sparse latents without a dense ``[..., d_sae]`` tensor.
 
         Returns ``(indices, values)``, both ``[..., K]``: ``K = self.k`` for topk SAEs, else the
         capacity ``k`` (or, with ``k=None``, the largest number of active latents in a row).
-        Empty slots have index -1 and value 0.
+        Empty slots have index -1 and value 0. Served by :func:`gradsae.encode_sparse`.
         """
-        from .influence import encode_sparse
-
-        return encode_sparse(x, self, k=k, backend=backend)
+        return _service("encode_sparse")(x, self, k=k, backend=backend)
 
     def decode_sparse(
         self, indices: torch.Tensor, values: torch.Tensor, x: torch.Tensor | None = None, backend: str = "auto"
@@ -344,25 +445,9 @@ class SAE:
         """Reconstruction from sparse latents (``indices`` -1 = empty), no dense latents.
 
         Runs on the first backend that serves these tensors and has a sparse decode kernel
-        (embedding-bag style), else in PyTorch; ``backend`` names one explicitly."""
-        from .backends import Request, choose_backend_with
-
-        valid = indices >= 0
-        vals = values.to(self.dtype) * valid
-        K = indices.shape[-1]
-        probe = Request(vals.new_empty(0, self.d_in), None, self, K)
-        b = choose_backend_with(probe, "decode_sparse", backend) if indices.numel() else None
-        if b is not None:
-            return self.norm_state(x).apply(b.decode_sparse(self, indices, vals))
-        idx = indices.clamp(min=0)
-        if self.rescale_acts_by_decoder_norm:
-            vals = vals * self.col_scale().to(vals.dtype)[idx]
-        flat_idx = idx.reshape(-1, idx.shape[-1])
-        flat_val = vals.reshape(-1, idx.shape[-1])
-        x_hat = torch.nn.functional.embedding_bag(
-            flat_idx, self.W_dec, per_sample_weights=flat_val, mode="sum"
-        ).reshape(*indices.shape[:-1], self.d_in) + self.b_dec
-        return self.norm_state(x).apply(x_hat)
+        (embedding-bag style), else in PyTorch (:meth:`linear_decode_sparse`); ``backend``
+        names one explicitly. Served by :func:`gradsae.op.decode_sparse`."""
+        return _service("decode_sparse")(self, indices, values, x=x, backend=backend)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``decode(encode(x), x)``."""
@@ -376,15 +461,13 @@ class SAE:
 
     # ------------------------------------------------------------------ I/O
     def save(self, path) -> None:
-        """Write this SAE in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``)."""
-        from .loading.saelens import save_saelens
-
-        save_saelens(self, path)
+        """Write this SAE in SAELens layout (``cfg.json`` + ``sae_weights.safetensors``).
+        Served by :func:`gradsae.loading.saelens.save_saelens`."""
+        _service("save")(self, path)
 
     @classmethod
     def from_object(cls, obj) -> "SAE":
         """Wrap a live SAELens ``SAE``, sparsify ``SparseCoder`` or dictionary_learning
-        dictionary as a gradsae ``SAE`` with identical encode/decode."""
-        from .loading.objects import sae_from_object
-
-        return sae_from_object(obj)
+        dictionary as a gradsae ``SAE`` with identical encode/decode (a gradsae ``SAE`` is
+        returned as is). Served by :func:`gradsae.loading.objects.sae_from_object`."""
+        return _service("from_object")(obj)

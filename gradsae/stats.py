@@ -25,7 +25,10 @@ import torch
 from .errors import InputError
 from .fsutil import atomic_write, save_safetensors
 
-SUM_FIELDS = ("act_sum", "score_sum", "relu_sum", "abs_sum")
+# The per-latent tables, in the one order every kernel takes them (the Triton kernels, and
+# csrc/stats_fields.h, which the compiled module exports as ``_C.STATS_FIELDS``).
+FIELDS = ("count", "act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")
+SUM_FIELDS = FIELDS[1:5]  # the float64 sums (``count`` is int64, ``score_max`` a running max)
 FORMAT = "gradsae.LatentStats"
 VERSION = 1
 
@@ -129,9 +132,8 @@ class LatentStats:
         return i, v
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        d = {"count": self.count, "score_max": self.score_max}
-        d.update({f: getattr(self, f) for f in SUM_FIELDS})
-        return d
+        """The tables by name, in :data:`FIELDS` order (the tensors themselves, not copies)."""
+        return {f: getattr(self, f) for f in FIELDS}
 
     def __eq__(self, other) -> bool:  # exact equality, for tests and resume checks
         if not isinstance(other, LatentStats) or other.d_sae != self.d_sae or other.tokens != self.tokens:

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gradsae.op.contract import MAX_K  # absolute: this folder may also be found as a top-level `kernels`
 from .topk import (
     EMPTY,
     EMPTY_KEY,
@@ -54,7 +55,6 @@ from .tuning import (
     prune_encode_configs,
 )
 
-MAX_K = 256
 # Partial keys [N, S, KP] stay under this many bytes (rows of a call are not split: the splits
 # are fewer instead).
 PARTS_BUDGET = 512 << 20

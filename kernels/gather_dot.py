@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gradsae.stats import FIELDS  # absolute: see encode_select.py
 from .tuning import interpreting, next_pow2
 
 
@@ -83,9 +84,9 @@ def gather_dot(W_dec: torch.Tensor, idx: torch.Tensor, D: torch.Tensor,
         W_dec: ``[d_sae, d_in]``; idx: ``[N, K]`` (int32/int64, -1 = empty); D: ``[N, d_in]``.
         row_scale: ``[N]`` or None; col_scale: ``[d_sae]`` or None.
         acts: ``[N, K]`` activations; when given, ``score = acts * g`` is produced too.
-        stats: per-latent tables to add into (atomically): a dict with int64 ``count`` and
-            float64 ``act_sum``, ``score_sum``, ``relu_sum``, ``abs_sum``, ``score_max``,
-            all ``[d_sae]`` on the device. Needs ``acts``.
+        stats: per-latent tables to add into (atomically): a dict with the names of
+            :data:`gradsae.stats.FIELDS` (int64 ``count``, float64 sums and max), all
+            ``[d_sae]`` on the device. Needs ``acts``.
         row_mask: ``[N]`` bool, rows that count in ``stats``.
         write: return ``g`` (and ``score``); False only updates ``stats``.
 
@@ -110,7 +111,7 @@ def gather_dot(W_dec: torch.Tensor, idx: torch.Tensor, D: torch.Tensor,
         cs = col_scale.to(torch.float32).contiguous() if col_scale is not None else dummy
         rm = row_mask.to(torch.int8).contiguous() if row_mask is not None else dummy
         st = stats or {}
-        tables = [st.get(f, dummy) for f in ("count", "act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")]
+        tables = [st.get(f, dummy) for f in FIELDS]  # the kernel's CNT .. SMAX, in FIELDS order
         bs, bd, warps = _blocks(K, d_in)
         grid = (n, triton.cdiv(K, bs))
         _gather_dot_kernel[grid](

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gradsae.stats import FIELDS  # absolute: see encode_select.py
 from .tuning import interpreting
-
-FIELDS = ("count", "act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")
 
 
 @triton.jit
@@ -51,7 +50,8 @@ def _segment_reduce_kernel(LAT, START, LEN, ACT, SCORE, CNT, ASUM, SSUM, RSUM, X
 def accumulate_sorted(tables: dict, idx: torch.Tensor, acts: torch.Tensor, scores: torch.Tensor,
                       row_mask: torch.Tensor | None = None) -> None:
     """Add the active slots of ``(idx, acts, scores)`` (``[N, K]``, -1 = empty) into
-    ``tables`` (int64 ``count`` and float64 sums / max, ``[d_sae]``, see :data:`FIELDS`),
+    ``tables`` (int64 ``count`` and float64 sums / max, ``[d_sae]``, by the names of
+    :data:`gradsae.stats.FIELDS`, the order the kernel takes them in),
     deterministically. ``row_mask`` ``[N]`` selects the rows that count."""
     valid = idx >= 0
     if row_mask is not None:

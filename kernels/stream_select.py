@@ -32,10 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gradsae.op.contract import MAX_K  # absolute: see encode_select.py
 from .topk import EMPTY, EMPTY_KEY, kth_bar, merge_queue, queue_hits, unpack_keys
 from .tuning import interpreting, next_pow2
-
-MAX_K = 256
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""The independent float64 dense-autograd oracle (DESIGN §5) and the comparison rules.
+"""The independent float64 dense-autograd oracle and the comparison rules (docs/design.md,
+"How we test").
 
 The oracle takes an SAE's raw weights and options, builds the dense latents z in float64 on the
 CPU, decodes with the inverse normalisation, and lets autograd produce dY/dz for *every*

@@ -52,7 +52,7 @@ def _run_case(tmp_path, launch):
 
     # the same run in this process, on the model loaded as the CLI loads it (attention
     # implementation included) and with one thread, as each torchrun worker
-    from gradsae.commands.score import load_model
+    from gradsae.commands._model import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

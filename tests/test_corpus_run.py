@@ -32,8 +32,9 @@ def setup():
     return model, sae, tm.tokenizer(), _corpus(random.Random(seed))
 
 
-def _dense_reference(model, sae, tok, docs, mode):
-    """Per window, in float64: dense latents with retain_grad, mean next-token loss, backward;
+def _dense_reference(model, sae, tok, docs, mode, objective="loglik"):
+    """Per window, in float64: dense latents with retain_grad, Y = the mean log-probability of
+    each actual next token (the default objective; or the mean next-token loss), backward;
     every (doc, pos, latent) with z != 0 and its score z * dY/dz."""
     m = copy.deepcopy(model).double()
     s64 = gradsae.SAE(sae.W_enc.double(), sae.b_enc.double(), sae.W_dec.double(), sae.b_dec.double(), "topk", k=K)
@@ -47,7 +48,8 @@ def _dense_reference(model, sae, tok, docs, mode):
             hook = tm.DenseSplice(tm.layer_module(m, LAYER), s64, mode)
             try:
                 logits = m(piece[None]).logits[0]
-                torch.nn.functional.cross_entropy(logits[:-1], piece[1:]).backward()
+                logp = logits[:-1].log_softmax(-1).gather(-1, piece[1:, None]).squeeze(-1)
+                (logp.mean() if objective == "loglik" else -logp.mean()).backward()
             finally:
                 hook.remove()
             z = hook.zs[0]
@@ -117,9 +119,8 @@ def test_statistics_match_dense_reference(setup, tmp_path, mode):
     j = int(count.argmax())
     top = list(df["top_examples"][j])
     assert [(e["doc"], e["pos"]) for e in top] == [(r["doc"], r["pos"]) for r in res.examples.rows(j)]
-    assert all("[[" in e["context"] for e in top)
-    # every example's decoded token and context, rebuilt from the document: +-2 tokens around
-    # the position, within the position's window of L tokens
+    # every example's decoded token and its left and right context, rebuilt from the document:
+    # +-2 tokens around the position, within the position's window of L tokens
     def dec(t):
         return tok.decode(t, skip_special_tokens=False)
 
@@ -130,15 +131,36 @@ def test_statistics_match_dense_reference(setup, tmp_path, mode):
             p, start = e["pos"], (e["pos"] // L) * L
             end = min(len(ids), start + L)
             assert e["token"] == dec([ids[p]])
-            assert e["context"] == dec(ids[max(start, p - 2):p]) + f"[[{dec([ids[p]])}]]" + dec(ids[p + 1:min(end, p + 3)])
+            assert e["left"] == dec(ids[max(start, p - 2):p]) and e["right"] == dec(ids[p + 1:min(end, p + 3)])
             checked += 1
     assert checked >= DSAE // 2
     meta = json.loads((out / "meta.json").read_text())
     assert meta["complete"] and meta["tokens"] == n_tok and meta["hook"] == f"blocks.{LAYER}.hook_resid_post"
-    assert meta["objective"] == "loss" and meta["mode"] == mode and meta["sae"]["d_sae"] == DSAE
+    assert meta["objective"] == "loglik" and meta["mode"] == mode and meta["sae"]["d_sae"] == DSAE
+    assert "helps the model predict the next token" in meta["sign"]["positive"]
+    assert "log-probability of each actual next token" in meta["sign"]["y"]
     assert meta["documents"] == sum(1 for d in docs if len(tok(d)["input_ids"]) >= 2)
     assert {"gradsae", "torch", "transformers"} <= set(meta["versions"])
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_loss_objective_is_the_default_with_the_sign_flipped(setup):
+    """objective="loss" stays available: the same tokens and latents, every score negated
+    (relu of the negated scores is |s| - relu(s)); meta says what the sign means."""
+    model, sae, tok, docs = setup
+    kw = dict(hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, max_length=L, batch_tokens=40, progress=False)
+    ll = gradsae.score_corpus(model, sae, docs, **kw)
+    loss = gradsae.score_corpus(model, sae, docs, objective="loss", **kw)
+    assert ll.meta["objective"] == "loglik" and loss.meta["objective"] == "loss"
+    assert "raises the loss" in loss.meta["sign"]["positive"]
+    assert torch.equal(ll.stats.count, loss.stats.count) and ll.stats.tokens == loss.stats.tokens
+    scale = float(loss.stats.abs_sum.max())
+    assert scale > 0
+    tol = dict(rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(ll.stats.score_sum, -loss.stats.score_sum, **tol)
+    torch.testing.assert_close(ll.stats.abs_sum, loss.stats.abs_sum, **tol)
+    torch.testing.assert_close(ll.stats.relu_sum, loss.stats.abs_sum - loss.stats.relu_sum, **tol)
+    torch.testing.assert_close(ll.stats.act_sum, loss.stats.act_sum, **tol)
 
 
 def test_output_directory_rules(setup, tmp_path):
@@ -232,3 +254,128 @@ def test_corpus_is_streamed_not_read_ahead(setup):
     per_batch = len(docs) / len(seen)
     ahead = [r - (i + 1) * per_batch for i, r in enumerate(seen)]
     assert max(ahead) <= ahead_max, max(ahead)
+
+
+# ---------------------------------------------------------------------------- checks before the first batch
+def _gpt2(positions):
+    import transformers as tf
+
+    cfg = tm.config("gpt2", d=D)
+    cfg.n_positions = positions
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_max_length_must_fit_the_model_positions(tmp_path):
+    from gradsae.corpus import preflight
+
+    tok = tm.tokenizer()
+    sae = random_sae(D, DSAE, "topk", k=K, seed=1)
+    docs = [" ".join(["the king"] * 30)] * 3  # 60 tokens each
+    hook = f"blocks.{LAYER}.hook_resid_post"
+    small = _gpt2(32)  # a learned table of 32 positions: index 32 would fail inside the model
+    with pytest.raises(InputError, match=r"max_length=1000 does not fit.*learned table of 32 positions"):
+        gradsae.score_corpus(small, sae, docs, hook=hook, tokenizer=tok, max_length=1000, out=tmp_path / "a",
+                             progress=False)
+    assert not (tmp_path / "a").exists()
+    res = gradsae.score_corpus(small, sae, docs, hook=hook, tokenizer=tok, progress=False)
+    assert res.meta["config"]["max_length"] == 32 and res.meta["sequences"] == 6  # windows of the default
+    # rotary: no table, but trained on max_position_embeddings; a rope scaling factor extends it
+    llama = tm.model("llama", d=D, seed=0)
+    assert preflight.position_limit(llama) == (128, False, "config.max_position_embeddings")
+    with pytest.raises(InputError, match="trained on 128 positions"):
+        gradsae.score_corpus(llama, sae, docs, hook=hook, tokenizer=tok, max_length=200, progress=False)
+    scaled = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    if hasattr(llama.config, "rope_parameters"):  # transformers 5; 4.x calls it rope_scaling
+        llama.config.rope_parameters = scaled
+    else:
+        llama.config.rope_scaling = scaled
+    assert preflight.position_limit(llama)[0] == 256
+    # a model that states no limit
+    assert preflight.position_limit(torch.nn.Linear(2, 2)) is None
+    assert preflight.resolve_max_length(torch.nn.Linear(2, 2), None) == preflight.DEFAULT_MAX_LENGTH
+
+
+def test_hook_other_than_the_saes_own_warns(setup):
+    model, sae, tok, docs = setup
+    sae.meta.hook_name = f"blocks.{LAYER}.hook_resid_post"
+    kw = dict(tokenizer=tok, max_length=L, progress=False)
+    with pytest.warns(UserWarning, match=r"scoring at hook 'blocks.0.hook_resid_post'.*trained at 'blocks.1"):
+        gradsae.score_corpus(model, sae, docs[:2], hook="blocks.0.hook_resid_post", **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the same place spelled as a module path, or taken from the metadata: no warning
+        a = gradsae.score_corpus(model, sae, docs[:4], hook=f"transformer.h.{LAYER}", **kw)
+        b = gradsae.score_corpus(model, sae, docs[:4], **kw)
+    assert a.stats == b.stats
+
+
+def test_devices_that_do_not_exist_are_refused_before_anything_runs(setup, tmp_path):
+    model, sae, tok, docs = setup
+    kw = dict(hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, out=tmp_path / "r", progress=False)
+    for dev in ("tpu", "cuda:99", *(["cuda"] if not torch.cuda.is_available() else [])):
+        with pytest.raises(InputError, match="device"):
+            gradsae.score_corpus(model, sae, docs, device=dev, **kw)
+    assert not (tmp_path / "r").exists()
+    assert next(model.parameters()).device.type == "cpu"
+
+
+def test_probe_writable_leaves_the_file_system_as_it_was(tmp_path):
+    from gradsae.corpus.resume import probe_writable
+
+    probe_writable(tmp_path / "a" / "b" / "c")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "d").mkdir()
+    probe_writable(tmp_path / "d")
+    assert list((tmp_path / "d").iterdir()) == []
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(InputError, match="is not a directory"):
+        probe_writable(tmp_path / "f" / "run")
+
+
+def test_run_config_is_what_meta_json_records(setup, tmp_path):
+    import dataclasses
+
+    from gradsae.corpus import RunConfig, run_corpus
+
+    model, sae, tok, docs = setup
+    cfg = RunConfig(hook=f"blocks.{LAYER}.hook_resid_post", max_length=L, batch_tokens=40, top_n=3, context=2,
+                    out=tmp_path / "run", progress=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.top_n = 4
+    with pytest.raises(InputError, match="resume=True and overwrite=True"):
+        dataclasses.replace(cfg, resume=True, overwrite=True)
+    with pytest.raises(InputError, match="needs target="):
+        RunConfig(objective="logprob")
+    with pytest.raises(InputError, match="takes no target"):
+        RunConfig(objective="loss", objective_kwargs={"target": 3})
+    with pytest.raises(InputError, match="unexpected setting.*batch_token"):  # a misspelt batch_tokens
+        gradsae.score_corpus(model, sae, docs, tokenizer=tok, batch_token=64)
+    res = run_corpus(model, sae, docs, cfg, tokenizer=tok)
+    rec = json.loads((tmp_path / "run" / "meta.json").read_text())["config"]
+    want = cfg.resolved(device="cpu").record()
+    assert {k: rec[k] for k in want} == want
+    assert set(rec) - set(want) == {"data", "model", "sae", "tokenizer", "world_size"}
+    same = gradsae.score_corpus(model, sae, docs, hook=f"blocks.{LAYER}.hook_resid_post", max_length=L,
+                                batch_tokens=40, top_n=3, context=2, tokenizer=tok, progress=False)
+    assert same.stats == res.stats and same.meta["config"] == res.meta["config"]
+
+
+def test_ctrl_c_without_an_output_directory_is_a_plain_interrupt(setup):
+    from gradsae.corpus import RunInterrupted
+
+    model, sae, tok, docs = setup
+
+    def stop(*a):
+        raise KeyboardInterrupt
+
+    h = tm.layer_module(model, 0).register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt) as ei:
+            gradsae.score_corpus(model, sae, docs, hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok,
+                                 max_length=L, progress=False)
+    finally:
+        h.remove()
+    assert not isinstance(ei.value, RunInterrupted)

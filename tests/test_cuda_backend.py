@@ -153,26 +153,30 @@ def test_low_precision_within_twice_the_reference_error(dtype, activation, norma
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("d_sae,k", [(1, 1), (97, 100), (300, 256), (128, 128), (5000, 255)])
+@pytest.mark.parametrize("d_sae,k", [(1, 1), (97, 97), (300, 256), (128, 128), (5000, 255)])
 def test_topk_k_edge_cases(d_sae, k):
+    # (k > d_sae is refused when the SAE is built: tests/test_sae.py)
     sae = random_sae(48, d_sae, "topk", k=k, device=DEV)
     x, g = _inputs((70,), 48)
     out = gradsae.influence(x, g, sae, backend="cuda")
-    assert out.K == min(k, d_sae)
+    assert out.K == k
     assert_matches_oracle(out, dense_oracle(sae, x, g), sae, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 @needs_ext
 def test_threshold_capacity_rules():
-    """k=None sizes the output to the fullest row (the first guess of 64 slots overflows and
-    is re-run); a smaller k raises the reference's CapacityError; a larger one pads."""
+    """k=None sizes the output to the fullest row (the op's first guess of INITIAL_CAPACITY
+    slots overflows and is re-run); a smaller k raises the op's CapacityError; a larger one
+    pads."""
+    from gradsae.op import INITIAL_CAPACITY
+
     sae = _relu_sae(256, 4096)
     x, g = _inputs((500,), 256)
     full = gradsae.influence(x, g, sae, backend="cuda")
     counts = (full.indices >= 0).sum(-1)
     need = int(counts.max())
-    assert full.K == need and need > 64
+    assert full.K == need and need > INITIAL_CAPACITY
     orc = dense_oracle(sae, x, g)
     assert_matches_oracle(full, orc, sae, atol=1e-3, rtol=1e-4, set_tol=1e-4)
     with pytest.raises(CapacityError) as e:
@@ -225,7 +229,6 @@ def test_fused_and_deterministic_stats(activation):
         sae._cache.clear()
     x, g = _inputs((600,), d_in)
     mask = torch.rand(600, device=DEV) > 0.3
-    cuda = get_backend("cuda")
 
     # the same active set through Influence + LatentStats.update (the influence op itself is
     # compared with the oracle above; here only the accumulation differs)
@@ -235,13 +238,13 @@ def test_fused_and_deterministic_stats(activation):
     want.update(out, mask)
 
     fused = LatentStats(d_sae, device=DEV)
-    cuda.accumulate(Request(x, g, sae, sae.k), fused, mask)
+    gradsae.accumulate_influence(x, g, sae, fused, mask, backend="cuda")
     _stats_close(fused, want)
 
     runs = []
     for _ in range(2):
         s = LatentStats(d_sae, device=DEV)
-        cuda.accumulate(Request(x, g, sae, sae.k, deterministic=True), s, mask)
+        gradsae.accumulate_influence(x, g, sae, s, mask, backend="cuda", deterministic=True)
         runs.append(s)
     assert runs[0] == runs[1]  # bitwise
     _stats_close(runs[0], want)
@@ -278,7 +281,6 @@ SANITIZED = textwrap.dedent("""
     sys.path.insert(0, "tests")
     import gradsae
     from oracle import random_sae
-    from gradsae.backends import Request, get_backend
     from gradsae.stats import LatentStats
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -288,8 +290,8 @@ SANITIZED = textwrap.dedent("""
             g = torch.randn_like(x)
             out = gradsae.influence(x, g, sae, backend="cuda")
             s = LatentStats(700, device="cuda")
-            get_backend("cuda").accumulate(Request(x, g, sae, sae.k), s, None)
-            get_backend("cuda").accumulate(Request(x, g, sae, sae.k, deterministic=True), s, None)
+            gradsae.accumulate_influence(x, g, sae, s, backend="cuda")
+            gradsae.accumulate_influence(x, g, sae, s, backend="cuda", deterministic=True)
     sae = random_sae(72, 700, "topk", k=256, device="cuda")
     gradsae.influence(torch.randn(40, 72, device="cuda"), torch.randn(40, 72, device="cuda"), sae, backend="cuda")
     torch.cuda.synchronize()

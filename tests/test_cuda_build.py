@@ -53,6 +53,20 @@ def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
     assert e.value.args[0] == NVCC_MISSING and "nvcc" in NVCC_MISSING and "GRADSAE_BUILD_CUDA=0" in NVCC_MISSING
 
 
+def test_sources_agree_with_the_python_side():
+    """csrc keeps its own copies of two facts the Python side passes it: the statistics tables'
+    order (csrc/stats_fields.h, gradsae.stats.FIELDS) and the widest top-k (csrc/select.cuh
+    kMaxK, gradsae.op.MAX_K). A difference must fail here, before any build."""
+    from gradsae.op import MAX_K
+    from gradsae.stats import FIELDS
+
+    header = open(os.path.join(ROOT, "csrc", "stats_fields.h")).read()
+    macro = re.search(r"#define GRADSAE_STATS_FIELDS\(X\)((?:.*\\\n)*.*)", header).group(1)
+    assert tuple(re.findall(r"X\((\w+),", macro)) == FIELDS
+    select = open(os.path.join(ROOT, "csrc", "select.cuh")).read()
+    assert int(re.search(r"constexpr int kMaxK = (\d+);", select).group(1)) == MAX_K
+
+
 @pytest.mark.slow
 @needs_nvcc
 def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
@@ -81,6 +95,7 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
         spec = importlib.util.spec_from_file_location("_C", {so!r})
         m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
         res = {{"archs": m.compiled_archs(), "runtime": m.cuda_runtime_version(), "max_k": m.MAX_K,
+                "stats_fields": list(m.STATS_FIELDS),
                 "pads": [m.topk_pad(k) for k in (1, 32, 33, 64, 65, 200, 256)]}}
         try:
             m.encode_select(device=0, stream=0, x=0, x_stride=0, w=0, w_stride=0, bias=0, scale=0, thr=0,
@@ -92,6 +107,10 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
             m.merge_topk(device=0, stream=0, parts=0, n=1, n_splits=1, k=300, kp=512, idx=0, acts=0)
         except ValueError as e:
             res["bad_k"] = str(e)
+        try:
+            m.segment_stats(device=0, stream=0, j=0, acts=0, scores=0, m=1, stats=(0, 0))
+        except ValueError as e:
+            res["bad_stats"] = str(e)
         try:
             m.stream_topk(device=0, stream=0, p=0, p_stride=8, dtype=2, n=1, ncols=8, c0=0, bias=0, scale=0,
                           k=40, kp=32, best=0, vec=False)
@@ -106,7 +125,12 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
     release = re.search(r"release (\d+)\.(\d+)", subprocess.run([NVCC, "--version"], capture_output=True,
                                                                text=True).stdout)
     assert res["runtime"] == int(release.group(1)) * 1000 + int(release.group(2)) * 10
-    assert res["max_k"] == 256
+    from gradsae.op import MAX_K
+    from gradsae.stats import FIELDS
+
+    assert res["max_k"] == MAX_K == 256
+    assert tuple(res["stats_fields"]) == FIELDS
+    assert "6 table pointers in STATS_FIELDS order, got 2" in res["bad_stats"]
     assert res["pads"] == [32, 32, 64, 64, 128, 256, 256]
     assert "split_cols" in res["bad_split"]
     assert "k <= kp <= 256" in res["bad_k"]

@@ -22,7 +22,7 @@ from test_cuda_orchestration import _floats, _view
 from gradsae import chunked
 from gradsae.backends import cuda_stream
 from gradsae.backends.reference import gather_dot
-from gradsae.influence import Influence
+from gradsae.op import Influence
 
 
 def _keys(v: np.ndarray, j: np.ndarray) -> np.ndarray:

@@ -2,11 +2,12 @@
 
 The stand-in honours the module's contract (raw pointers, strides, dtype codes; per-split
 partial results handed from ``encode_select`` to the merge kernels) with NumPy on host
-memory, so the backend's own logic runs here: the split/chunk plan, the threshold capacity
-retry and CapacityError, padding to the fullest row, row and column scales, the gather-dot
-arguments (strides, vector-load flag), the fused and deterministic statistics paths, masks
-and token counts. Results are compared with the float64 oracle and the reference backend.
-The real kernels are compared with the oracle by the gpu tests in test_cuda_backend.py.
+memory, so the backend's own logic runs here, driven by the op as on a GPU: the split/chunk
+plan, the per-row counts behind the op's capacity retry and CapacityError, row and column
+scales, the gather-dot arguments (strides, vector-load flag), the fused and deterministic
+statistics paths (table pointers in STATS_FIELDS order), masks and token counts. Results are
+compared with the float64 oracle and the reference backend. The real kernels are compared
+with the oracle by the gpu tests in test_cuda_backend.py.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import torch
 from oracle import assert_matches_oracle, dense_oracle, random_sae, selection_tol
 
 import gradsae
-from gradsae.backends import Request, cuda_backend, get_backend
+from gradsae.backends import cuda_backend, get_backend
 from gradsae.errors import CapacityError
-from gradsae.stats import LatentStats
+from gradsae.op import MAX_K, capacity
+from gradsae.stats import FIELDS, LatentStats
 
 _NP = {0: np.float32, 1: np.float16}
 
@@ -50,6 +52,7 @@ class FakeC:
 
     MAX_K = 256
     TILE_COLS = 128
+    STATS_FIELDS = ("count", "act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")
 
     def __init__(self):
         self.parts = {}
@@ -104,9 +107,9 @@ class FakeC:
             C[r] = sum(len(sp) for sp in row)
 
     def gather_dot(self, *, device, stream, w, w_stride, w_dtype, d, d_stride, d_dtype, idx, n, K, d_in,
-                   row_scale=0, col_scale=0, out=0, vec=False, acts=0, mask=0, count=0, act_sum=0, score_sum=0,
-                   relu_sum=0, abs_sum=0, score_max=0):
-        self.calls.append(("gather", vec, bool(count)))
+                   row_scale=0, col_scale=0, out=0, vec=False, acts=0, mask=0, stats=()):
+        assert len(stats) in (0, len(self.STATS_FIELDS))
+        self.calls.append(("gather", vec, bool(stats)))
         I = _view(idx, np.int64, (n, K))
         d_sae = int(I.max()) + 1 if I.size else 0
         W = _floats(w, w_dtype, (max(d_sae, 1), d_in), (w_stride, 1))
@@ -119,21 +122,22 @@ class FakeC:
         g[I < 0] = 0
         if out:
             _view(out, np.float32, (n, K))[:] = g
-        if count:
+        if stats:
             a = _view(acts, np.float32, (n, K))
             m = _view(mask, np.bool_, (n,)) if mask else np.ones(n, bool)
             valid = (I >= 0) & m[:, None]
-            self._add(I[valid], a[valid], (a * g)[valid], count, act_sum, score_sum, relu_sum, abs_sum, score_max)
+            self._add(I[valid], a[valid], (a * g)[valid], stats)
 
-    def segment_stats(self, *, device, stream, j, acts, scores, m, count, act_sum, score_sum, relu_sum, abs_sum,
-                      score_max):
+    def segment_stats(self, *, device, stream, j, acts, scores, m, stats):
         J = _view(j, np.int64, (m,))
         assert (np.diff(J) >= 0).all(), "entries must arrive sorted by latent"
-        self._add(J, _view(acts, np.float32, (m,)), _view(scores, np.float32, (m,)), count, act_sum, score_sum,
-                  relu_sum, abs_sum, score_max)
+        self._add(J, _view(acts, np.float32, (m,)), _view(scores, np.float32, (m,)), stats)
 
-    @staticmethod
-    def _add(j, a, s, count, act_sum, score_sum, relu_sum, abs_sum, score_max):
+    def _add(self, j, a, s, stats):
+        assert len(stats) == len(self.STATS_FIELDS)
+        t = dict(zip(self.STATS_FIELDS, stats))  # the pointers by name, in the module's order
+        count, act_sum, score_sum, relu_sum, abs_sum, score_max = (
+            t[f] for f in ("count", "act_sum", "score_sum", "relu_sum", "abs_sum", "score_max"))
         d = int(j.max()) + 1 if j.size else 0
         a, s = a.astype(np.float64), s.astype(np.float32).astype(np.float64)
         for ptr, vals in ((act_sum, a), (score_sum, s), (relu_sum, np.maximum(s, 0)), (abs_sum, np.abs(s))):
@@ -148,6 +152,8 @@ def fake(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_lib", lib)
     monkeypatch.setattr(cuda_backend, "_on_gpu", lambda t: True)
     monkeypatch.setattr(cuda_backend, "_Launch", lambda device: types.SimpleNamespace(index=0, stream=0))
+    # the tensors stay on the CPU: let the op's dispatch hand them to the backend
+    monkeypatch.setattr(cuda_backend.CudaBackend, "unsupported", lambda self, req: None)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(multi_processor_count=2,
@@ -173,9 +179,7 @@ def test_influence_orchestration_matches_oracle(fake, activation, rescale, norma
     sae = random_sae(d_in, d_sae, activation, k=k or 8, normalize=normalize, rescale=rescale, dtype=dtype)
     x = (torch.randn(n, d_in) * 2).to(dtype)
     g = torch.randn(n, d_in).to(dtype)
-    req = Request(x, g, sae, sae.k)
-    idx, acts, grads = get_backend("cuda").influence(req)
-    out = gradsae.Influence(idx, acts, grads, acts * grads, d_sae)
+    out = gradsae.influence(x, g, sae, backend="cuda")
     orc = dense_oracle(sae, x, g)
     if activation != "topk" and dtype == torch.float32:  # bf16 moves values across the threshold
         assert out.K == max(1, int((orc["z"] != 0).sum(-1).max()))
@@ -188,28 +192,26 @@ def test_influence_orchestration_matches_oracle(fake, activation, rescale, norma
 
 
 def test_capacity_retry_and_error(fake, monkeypatch):
-    monkeypatch.setattr(cuda_backend, "INITIAL_CAPACITY", 3)
+    monkeypatch.setattr(capacity, "INITIAL_CAPACITY", 3)
     monkeypatch.setattr(cuda_backend, "PARTS_BUDGET", 8 * 3 * 4 * 8)  # a few rows per chunk
     sae = random_sae(16, 300, "relu", dtype=torch.float32)
     x = torch.randn(30, 16)
     g = torch.randn(30, 16)
-    cuda = get_backend("cuda")
-    idx, acts, grads = cuda.influence(Request(x, g, sae, None))
-    ref = get_backend("reference").influence(Request(x, g, sae, None))
-    need = int((ref[0] >= 0).sum(-1).max())
-    assert idx.shape[1] == ref[0].shape[1] == need > 3
-    a = gradsae.Influence(idx, acts, grads, acts * grads, 300).canonical()
-    b = gradsae.Influence(*ref, ref[1] * ref[2], 300).canonical()
+    out = gradsae.influence(x, g, sae, backend="cuda")
+    ref = gradsae.influence(x, g, sae, backend="reference")
+    need = int((ref.indices >= 0).sum(-1).max())
+    assert out.K == ref.K == need > 3
+    a, b = out.canonical(), ref.canonical()
     assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
     assert len({c[1] for c in fake.calls if c[0] == "encode"}) >= 1
     assert any(c[3] > 3 for c in fake.calls if c[0] == "encode"), "an overflowing chunk is re-run larger"
     with pytest.raises(CapacityError) as ours:
-        cuda.influence(Request(x, g, sae, need - 1))
+        gradsae.influence(x, g, sae, k=need - 1, backend="cuda")
     with pytest.raises(CapacityError) as theirs:
-        get_backend("reference").influence(Request(x, g, sae, need - 1))
+        gradsae.influence(x, g, sae, k=need - 1, backend="reference")
     assert str(ours.value) == str(theirs.value)
-    roomy = cuda.influence(Request(x, g, sae, need + 2))[0]
+    roomy = gradsae.influence(x, g, sae, k=need + 2, backend="cuda").indices
     assert roomy.shape[1] == need + 2 and bool((roomy[:, need:] == -1).all())
 
 
@@ -222,7 +224,7 @@ def test_accumulate_paths(fake, deterministic):
     want = LatentStats(d_sae)
     want.update(gradsae.influence(x, g, sae, backend="reference"), mask)
     got = LatentStats(d_sae)
-    get_backend("cuda").accumulate(Request(x, g, sae, 9, deterministic=deterministic), got, mask)
+    gradsae.accumulate_influence(x, g, sae, got, mask, backend="cuda", deterministic=deterministic)
     assert got.tokens == want.tokens == int(mask.sum())
     assert torch.equal(got.count, want.count)
     atol = 1e-5 * float(want.abs_sum.max())  # float32 scores; sums of mixed signs cancel
@@ -243,3 +245,16 @@ def test_gather_dot_strides_and_vector_flag(fake):
     assert fake.calls[-1] == ("gather", False, False)
     get_backend("cuda").gather_dot(sae.W_dec, idx, torch.randn(6, 24).contiguous(), None, None)
     assert fake.calls[-1][1] == (sae.W_dec.data_ptr() % 16 == 0)
+
+
+def test_a_module_built_from_other_sources_is_refused(monkeypatch):
+    """The compiled module must keep the top-k limit and the statistics tables, in order, that
+    the Python side passes it; otherwise the backend says so instead of corrupting memory."""
+    assert FakeC.STATS_FIELDS == FIELDS and FakeC.MAX_K == MAX_K
+    assert cuda_backend._mismatch(FakeC()) is None
+    swapped = FakeC()
+    swapped.STATS_FIELDS = FIELDS[:1] + (FIELDS[2], FIELDS[1]) + FIELDS[3:]
+    assert "act_sum" in cuda_backend._mismatch(swapped)
+    narrow = FakeC()
+    narrow.MAX_K = 128
+    assert "128" in cuda_backend._mismatch(narrow)

@@ -80,6 +80,29 @@ def test_no_trigger_is_a_clear_error():
         sc.generate(["the king", "a queen"])
 
 
+def test_no_trigger_says_why_generation_ended():
+    """Used up max_new_tokens, or stopped early at an end-of-sequence token: the error says
+    which, with the counts."""
+    _, _, tok, sc = parts("llama")
+    prompt = "what king was in the north"
+    free = sc.generate(prompt, max_new_tokens=6, stop_ids=[])
+    assert free.stop_reason == "length" and len(free.token_ids) == 6
+    with pytest.raises(InputError, match=r"never predicted a token matching the trigger .* in max_new_tokens=6 "
+                                         r"generated tokens; raise max_new_tokens"):
+        sc.score_at_trigger(prompt, trigger=lambda t: False, max_new_tokens=6, stop_ids=[])
+    ids = free.token_ids.tolist()
+    n = next(i for i in range(1, 6) if ids[i] not in ids[:i]) + 1  # a token first generated at step n
+    eos = ids[n - 1]
+    g = sc.generate(prompt, max_new_tokens=6, stop_ids=[eos])
+    assert g.stop_reason == "stop_token" and g.token_ids.tolist() == ids[:n]
+    with pytest.raises(InputError) as e:
+        sc.score_at_trigger(prompt, trigger=lambda t: False, max_new_tokens=6, stop_ids=[eos])
+    assert (f"generation stopped early at the end-of-sequence token {tok.decode([eos])!r} (id {eos}) after {n} "
+            "generated tokens, out of max_new_tokens=6") in str(e.value)
+    hit = sc.generate(prompt, max_new_tokens=6, stop_ids=[], trigger=lambda t: t == ids[1], stop_at_trigger=True)
+    assert hit.stop_reason == "trigger" and hit.trigger_step == ids.index(ids[1])
+
+
 def test_step_by_step_loop_for_models_without_generate():
     m, sae, tok, sc = parts("llama")
 

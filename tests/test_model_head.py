@@ -10,6 +10,7 @@ from oracle import random_sae
 
 from gradsae.model import GradSAE
 from gradsae.model import head as H
+from gradsae.model import objectives as O
 
 D = 32
 
@@ -38,6 +39,7 @@ def test_chunked_nll_matches_float64_autograd(monkeypatch, softcap, bias):
     targets = torch.randint(0, V, (N,))
     rows = torch.randint(0, n_out, (N,))
     weights = torch.rand(N, dtype=torch.float64) + 0.1
+    weights[::3] *= -1  # negative weights: the log-likelihood objective
     gy = torch.randn(n_out, dtype=torch.float64)
 
     y = H.chunked_nll(head, h, targets, weights, rows, n_out)
@@ -68,7 +70,8 @@ def test_split_head_recognises_architectures(arch):
     assert (head.softcap is not None) == (getattr(m.config, "final_logit_softcapping", None) is not None)
 
 
-OBJECTIVES = [("loss", {}), ("predicted_prob", {}), ("logprob", {"target": 7}), ("logit_diff", {"a": 5, "b": 9})]
+OBJECTIVES = [("loss", {}), ("predicted_prob", {}), ("logprob", {"target": 7}), ("logit_diff", {"a": 5, "b": 9}),
+              ("loglik", {})]
 
 
 @pytest.mark.parametrize("arch", tm.ARCHS)
@@ -83,7 +86,7 @@ def test_attribution_without_logits_equals_with_logits(arch, mode, monkeypatch):
         m.config._attn_implementation = "sdpa"
     sae = random_sae(D, 96, "topk", k=6, dtype=torch.float64)
     sc = GradSAE(m, sae, hook="blocks.1.hook_resid_post", mode=mode)
-    for side, (objective, kw) in zip(["right", left, "right", left], OBJECTIVES):
+    for side, (objective, kw) in zip(["right", left, "right", left, left], OBJECTIVES):
         ids, mask = _padded_batch(side)
         pos = 1 if objective == "logit_diff" else -1
         fast = sc.attribute(ids, mask, objective=objective, position=pos, **kw)
@@ -94,6 +97,47 @@ def test_attribution_without_logits_equals_with_logits(arch, mode, monkeypatch):
         scale = full.influence.grads.abs().max()
         assert scale > 0, "vacuous: no gradient reached the SAE"
         torch.testing.assert_close(fast.influence.grads, full.influence.grads, rtol=0, atol=1e-9 * float(scale))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("objective", ["loglik", "loss"])
+def test_sequence_objectives_from_hidden_match_float64_autograd(monkeypatch, objective, softcap):
+    """loglik (the corpus default) and loss through the split head, values and gradients with
+    respect to the hidden states, against log_softmax on the full logits in float64; loglik is
+    the mean log-probability of each actual next token, so it must equal -loss."""
+    V, d, B, T = 29, 6, 3, 8
+    monkeypatch.setattr(H, "CHUNK_ELEMENTS", 2 * V + 1)  # 2 positions per chunk
+    W = torch.randn(V, d, dtype=torch.float64) * 2
+    head = H.Head(torch.nn.Identity(), W, torch.randn(V, dtype=torch.float64), softcap)
+    hidden = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 5:] = False  # right padding
+    mask[2, :3] = False  # left padding
+    gy = torch.randn(B, dtype=torch.float64)
+
+    y = O.evaluate_hidden(objective, head, hidden, ids, mask)
+    (g,) = torch.autograd.grad(y, hidden, gy)
+
+    h2 = hidden.detach().clone().requires_grad_(True)
+    lg = F.linear(h2, W, head.bias)
+    if softcap:
+        lg = torch.tanh(lg / softcap) * softcap
+    logp = lg.log_softmax(-1)
+    want = []
+    for b in range(B):
+        pos = mask[b].nonzero().flatten().tolist()
+        lp = torch.stack([logp[b, t, ids[b, t + 1]] for t in pos[:-1]])
+        want.append(lp.mean() if objective == "loglik" else -lp.mean())
+    y2 = torch.stack(want)
+    (g2,) = torch.autograd.grad(y2, h2, gy)
+    torch.testing.assert_close(y, y2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g, g2, rtol=1e-10, atol=1e-12)
+    assert float(g.abs().max()) > 0
+    # and the same value from the logits path
+    torch.testing.assert_close(O.evaluate(objective, lg.detach(), ids, mask), y.detach(), rtol=1e-12, atol=1e-12)
+    if objective == "loglik":
+        torch.testing.assert_close(y, -O.evaluate_hidden("loss", head, hidden, ids, mask), rtol=1e-12, atol=0)
 
 
 def test_bf16_autocast_without_logits_stays_close():

@@ -1,13 +1,15 @@
 """Interventions change exactly what they should: compared with dense edits of z written in
 the test (tests/tiny_models.dense_encode / dense_decode)."""
 
+import warnings
+
 import pytest
 import tiny_models as tm
 import torch
 from oracle import random_sae
 
-from gradsae.errors import InputError
-from gradsae.model import GradSAE
+from gradsae.errors import GradSAEWarning, InputError
+from gradsae.model import GradSAE, PromptScores
 
 D, DSAE = 32, 64
 
@@ -186,9 +188,11 @@ def test_paper_perturbation_and_steering_arguments(parts):
     p = perturbation(own, 3)
     assert p == {"zero": own.top(3).tolist(), "positions": "all"}
     assert perturbation(own, 0.5, "bottom")["zero"] == own.bottom(0.5, strict=False).tolist()
-    s = steering(own, donor, 2)
+    with warnings.catch_warnings():  # donor latents inactive at its last position: tested below
+        warnings.simplefilter("ignore", GradSAEWarning)
+        s = steering(own, donor, 2)
     assert s["zero"] == own.top(2).tolist() and s["positions"] == "last"
-    assert list(s["set"]) == donor.top(2).tolist()
+    assert list(s["set"]) == [j for j in donor.top(2).tolist() if donor.last_acts[j] != 0]
     for j, v in s["set"].items():
         assert v == float(donor.last_acts[j])
     assert steering(own, donor, 2, values="score", positions="all")["set"] == {
@@ -197,3 +201,26 @@ def test_paper_perturbation_and_steering_arguments(parts):
         steering(own, donor, 2, values="max")
     with sc.intervene(**s):  # a valid intervention
         pass
+
+
+def test_steering_skips_donor_latents_inactive_at_its_last_position():
+    """Setting a donor latent that is 0 at the donor's last position would zero it in the
+    steered prompt: it is left out, and a warning names it."""
+    from gradsae.model import donor_values, steering
+
+    def scores(s, last):
+        s, last = torch.tensor(s), torch.tensor(last)
+        return PromptScores(scores=s, active=s > 0, active_last=torch.nonzero(last).flatten(), last_acts=last,
+                            mean_acts=s / 10, objective=0.5)
+
+    own = scores([0.0, 0.1, 0.2, 0.3, 0.0], [0.0, 1.0, 0.0, 1.0, 0.0])
+    donor = scores([0.0, 3.0, 2.0, 1.0, 0.5], [0.0, 0.0, 0.5, 0.7, 0.0])  # top-3: 1, 2, 3; 1 inactive last
+    with pytest.warns(GradSAEWarning, match=r"donor latents \[1\] are not active at the donor's last position"):
+        s = steering(own, donor, 3)
+    assert s["set"] == {2: 0.5, 3: pytest.approx(0.7)} and s["zero"] == [3, 2, 1]
+    with pytest.warns(GradSAEWarning, match=r"\[1, 4\]"):
+        assert donor_values(donor, [1, 2, 4]) == {2: 0.5}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # other values: every latent has one, nothing to say
+        assert set(steering(own, donor, 3, values="mean")["set"]) == {1, 2, 3}
+        assert donor_values(donor, [2, 3]) == {2: 0.5, 3: pytest.approx(0.7)}

@@ -12,7 +12,7 @@ import torch
 from oracle import assert_matches_oracle, dense_oracle, random_inputs, random_sae
 
 import gradsae
-from gradsae.influence import Influence
+from gradsae.op import Influence
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,7 +5,15 @@ import torch
 from oracle import random_sae
 
 import gradsae
-from gradsae.backends import Request, _PRIORITY, _REGISTRY, choose_backend, register_backend
+from gradsae.op import (
+    PRIORITY,
+    Request,
+    choose_backend,
+    dispatch,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
 
 
 @pytest.fixture
@@ -74,6 +82,11 @@ class _Picky:
     def unsupported(self, req):
         return "only serves requests on the moon"
 
+    def select(self, req):  # never called: it serves nothing
+        raise AssertionError("picky was asked to serve")
+
+    influence = select
+
 
 class _Echo:
     """A backend that serves everything by delegating to the reference, counting calls."""
@@ -88,19 +101,20 @@ class _Echo:
 
     def influence(self, req):
         self.calls += 1
-        return _REGISTRY["reference"].influence(req)
+        return get_backend("reference").influence(req)
+
+    def select(self, req):
+        return get_backend("reference").select(req)
 
 
 @pytest.fixture
 def extra_backends():
-    saved = list(_PRIORITY)
     picky, echo = _Picky(), _Echo()
     register_backend(picky, priority=0)
     register_backend(echo, priority=1)
     yield picky, echo
-    _PRIORITY[:] = saved
-    _REGISTRY.pop("picky", None)
-    _REGISTRY.pop("echo", None)
+    unregister_backend("picky")
+    unregister_backend("echo")
 
 
 def test_priority_list_and_reasons(sae, extra_backends):
@@ -117,17 +131,13 @@ def test_priority_list_and_reasons(sae, extra_backends):
         gradsae.influence(x, x, sae, backend="picky")
 
 
-def test_auto_with_nobody_lists_every_reason(sae, extra_backends):
-    saved = list(_PRIORITY)
-    _PRIORITY[:] = ["picky", "echo"]
-    try:
-        req = Request(torch.randn(200, 8), torch.randn(200, 8), sae, 4)
-        with pytest.raises(gradsae.BackendError) as e:
-            choose_backend(req)
-        assert "picky: only serves requests on the moon" in str(e.value)
-        assert "echo: more than 100 rows" in str(e.value)
-    finally:
-        _PRIORITY[:] = saved
+def test_auto_with_nobody_lists_every_reason(sae, extra_backends, monkeypatch):
+    monkeypatch.setattr(dispatch, "_order", ["picky", "echo"])
+    req = Request(torch.randn(200, 8), torch.randn(200, 8), sae, 4)
+    with pytest.raises(gradsae.BackendError) as e:
+        choose_backend(req)
+    assert "picky: only serves requests on the moon" in str(e.value)
+    assert "echo: more than 100 rows" in str(e.value)
 
 
 def test_sae_dtype_differs_from_inputs():
@@ -138,3 +148,62 @@ def test_sae_dtype_differs_from_inputs():
     assert out.scores.dtype == torch.float32
     ref = gradsae.influence(x.float(), x.float(), sae)
     torch.testing.assert_close(out.scores, ref.scores)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "topk"])
+def test_k_beyond_d_sae_is_refused(activation):
+    sae = random_sae(8, 32, activation, k=4)
+    x = torch.randn(3, 8)
+    with pytest.raises(gradsae.InputError, match=r"k=5000 is more than the SAE's d_sae=32 latents.*pass k <= 32"):
+        gradsae.influence(x, x, sae, k=5000)
+    with pytest.raises(gradsae.InputError, match="k=33 is more than"):
+        gradsae.encode_sparse(x, sae, k=33)
+    with pytest.raises(gradsae.InputError, match="k=33 is more than"):
+        gradsae.accumulate_influence(x, x, sae, k=33)
+    assert gradsae.influence(x, x, sae, k=32).K == 32
+
+
+def test_lossy_input_cast_warns_once(monkeypatch):
+    """float64 inputs to a float32 SAE are encoded in float32: one GradSAEWarning says so;
+    widening casts (bfloat16 inputs) say nothing."""
+    from gradsae.op import api as op
+
+    monkeypatch.setattr(op, "_warned_casts", set())
+    sae = random_sae(8, 32, "topk", k=4)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.warns(gradsae.GradSAEWarning, match=r"inputs are torch.float64 but the SAE's weights are "
+                                                    r"torch.float32.*sae.to\(dtype=torch.float64\)"):
+        out = gradsae.influence(x, x, sae)
+    torch.testing.assert_close(out.scores, gradsae.influence(x.float(), x.float(), sae).scores)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradsae.influence(x, x, sae)  # once only
+        gradsae.encode_sparse(x, sae)
+        gradsae.influence(x.bfloat16(), x.bfloat16(), sae)  # lossless: silent
+
+
+def _params(fn):
+    import inspect
+
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+@pytest.mark.parametrize("name", [n for n, _ in PRIORITY])
+def test_builtin_backends_keep_the_protocols_signatures(name):
+    """One signature per method: every built-in backend has the required methods and, for
+    each optional one it has, exactly the parameters the protocol declares."""
+    from gradsae.op import contract
+
+    cls = type(get_backend(name))
+    assert cls.name == name
+    for m in ("unsupported", "select", "influence"):
+        assert _params(getattr(cls, m)) == _params(getattr(contract.Backend, m)), (name, m)
+    for m, proto in contract.OPTIONAL.items():
+        if hasattr(cls, m):
+            assert _params(getattr(cls, m)) == _params(getattr(proto, m)), (name, m)
+    have = {m for m in contract.OPTIONAL if hasattr(cls, m)}
+    assert have == {"reference": {"gather_dot"},
+                    "triton": {"gather_dot", "decode_sparse", "accumulate", "describe"},
+                    "cuda": {"gather_dot", "accumulate", "describe"}}[name]

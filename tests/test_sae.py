@@ -136,3 +136,45 @@ def test_decode_sparse_dispatches_to_a_kernel_when_asked():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(gradsae.BackendError, match="has no decode_sparse"):
         sae.decode_sparse(idx, vals, x, backend="reference")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"])
+def test_non_finite_weights_are_refused_at_construction(name, bad):
+    """NaN/inf weights would give NaN scores and empty selections: refused, naming the tensor
+    and the count; check_finite=False builds the SAE anyway."""
+    w = dict(W_enc=torch.randn(4, 6), b_enc=torch.randn(6), W_dec=torch.randn(6, 4), b_dec=torch.randn(4),
+             threshold=torch.rand(6))
+    w[name].view(-1)[1] = bad
+    with pytest.raises(gradsae.InputError, match=rf"{name} has 1 NaN or infinite entries \(of {w[name].numel()}\)"
+                       r".*check_finite=False"):
+        gradsae.SAE(activation="jumprelu", **w)
+    sae = gradsae.SAE(activation="jumprelu", check_finite=False, **w)
+    assert not bool(torch.isfinite(getattr(sae, name)).all())
+
+
+def test_a_cast_that_overflows_is_refused():
+    sae = random_sae(8, 20, "topk", k=3)
+    sae.W_dec[2, 3] = 1e6  # beyond float16's range
+    with pytest.raises(gradsae.InputError, match="W_dec has 1 NaN or infinite"):
+        sae.to(dtype=torch.float16)
+    assert sae.to(dtype=torch.float64).dtype == torch.float64  # widening is fine
+
+
+def test_topk_k_larger_than_d_sae_is_refused():
+    with pytest.raises(gradsae.InputError, match=r"k=5000 is more than the SAE's d_sae=1024 latents.*k <= 1024"):
+        gradsae.SAE(torch.zeros(8, 1024), torch.zeros(1024), torch.zeros(1024, 8), torch.zeros(8), "topk", k=5000)
+    sae = gradsae.SAE(torch.zeros(8, 1024), torch.zeros(1024), torch.zeros(1024, 8), torch.zeros(8), "topk", k=1024)
+    assert sae.k == 1024
+
+
+def test_sparse_round_trip_is_the_dense_decode():
+    """linear_decode_sparse (the one embedding-bag decode) against the dense decode of the same
+    latents in float64."""
+    sae = random_sae(16, 70, "jumprelu", rescale=True, normalize="layer_norm", dtype=torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    idx, vals = sae.encode_sparse(x)
+    z = torch.zeros(2, 5, 70, dtype=torch.float64).scatter_add_(-1, idx.clamp(min=0), vals * (idx >= 0))
+    torch.testing.assert_close(sae.decode_sparse(idx, vals, x), sae.decode(z, x), rtol=1e-12, atol=1e-12)
+    d = dense_oracle(sae, x, torch.zeros_like(x))
+    torch.testing.assert_close(z.reshape(-1, 70), d["z"], rtol=1e-12, atol=1e-12)

@@ -9,7 +9,7 @@ from oracle import assert_matches_oracle, dense_oracle, max_errors, option_cases
 
 import gradsae
 from gradsae import chunked
-from gradsae.influence import Influence
+from gradsae.op import Influence
 
 triton = pytest.importorskip("triton")
 from gradsae.kernels import gather_dot, stream_select  # noqa: E402

@@ -8,31 +8,43 @@ builds with nvcc alone and never links libtorch. Per call:
    epilogue keeps each row's running top-k, or compacts the latents above threshold, per
    split of d_sae; a merge kernel combines the splits. No ``[tokens, d_sae]`` tensor exists.
 2. The gather-dot kernel ``g = row_scale * col_scale * (W_dec[idx] . grad)``, or, for
-   :meth:`CudaBackend.accumulate`, the same kernel adding straight into a
-   :class:`~gradsae.stats.LatentStats` (atomics; a sort + per-latent segment kernel when
-   deterministic results are asked for).
+   :meth:`CudaBackend.accumulate`, the same kernel adding straight into the per-latent
+   statistics tables (atomics; a sort + per-latent segment kernel when deterministic results
+   are asked for).
 
-Threshold SAEs follow the reference's capacity rules: with ``k`` given, a row with more
-active latents raises :class:`~gradsae.errors.CapacityError`; with ``k=None`` the output is
-sized to the fullest row (an overflowing first guess is re-run at the exact size).
+Threshold SAEs: the encode fills the request's ``k`` slots per row and returns every row's
+count of active latents; the op sizes the slots.
+
+The module is checked against the Python side when it loads: its top-k limit must be
+:data:`gradsae.op.MAX_K` and its statistics tables those of :data:`gradsae.stats.FIELDS`, in
+that order; a module built from other sources is refused with the difference as the reason.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..errors import CapacityError, InputError
-from . import Request, register_backend
+from ..errors import InputError
+from ..op.contract import MAX_K, Request, Selection
+from ..stats import FIELDS
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODE_TOPK, MODE_THRESHOLD = 0, 1
 # Largest scratch buffer of per-split partial results (bytes); rows are chunked to fit it.
 PARTS_BUDGET = 256 << 20
-# First capacity tried for a threshold SAE sized exactly (k=None).
-INITIAL_CAPACITY = 64
 
 _lib = None
 _lib_error: str | None = None
+
+
+def _mismatch(lib) -> str | None:
+    """How the compiled module disagrees with the Python side, or None."""
+    if lib.MAX_K != MAX_K:
+        return f"it keeps top-k up to {lib.MAX_K}, gradsae.op.MAX_K is {MAX_K}"
+    fields = tuple(getattr(lib, "STATS_FIELDS", ()))
+    if fields != FIELDS:
+        return f"its statistics tables are {fields}, gradsae.stats.FIELDS is {FIELDS}"
+    return None
 
 
 def _load():
@@ -46,10 +58,14 @@ def _load():
             return None
         try:
             from .. import _C
-
-            _lib = _C
         except ImportError as e:
             _lib_error = str(e)
+            return None
+        why = _mismatch(_C)
+        if why is not None:
+            _lib_error = f"built from other sources than this gradsae ({why})"
+            return None
+        _lib = _C
     return _lib
 
 
@@ -114,10 +130,9 @@ class CudaBackend:
         if sae.d_sae >= 2**31 - 1 or sae.d_in >= 2**31 - 1:
             return f"d_in={sae.d_in}, d_sae={sae.d_sae}: dimensions must be below 2**31"
         if sae.activation == "topk":
-            k = min(req.k, sae.d_sae)
-            if k > lib.MAX_K:
-                return f"k={k} > {lib.MAX_K} (the largest top-k the kernels keep per row)"
-            mode, kp = MODE_TOPK, lib.topk_pad(k)
+            if req.k > MAX_K:
+                return f"k={req.k} > {MAX_K} (the largest top-k the kernels keep per row)"
+            mode, kp = MODE_TOPK, lib.topk_pad(req.k)
         else:
             mode, kp = MODE_THRESHOLD, 0
         if _tile_rows(lib, _CODES[sae.dtype], mode, kp, dev) is None:
@@ -135,7 +150,7 @@ class CudaBackend:
             "built": True,
             "archs": lib.compiled_archs(),
             "cuda_runtime": f"{v // 1000}.{(v % 1000) // 10}",
-            "max_k": lib.MAX_K,
+            "max_k": MAX_K,
         }
 
     # ------------------------------------------------------------------ encode + selection
@@ -151,14 +166,13 @@ class CudaBackend:
         rows = max(1, min(n, PARTS_BUDGET // (n_splits * min(slots, split_cols) * 8)))
         return split_cols, n_splits, rows
 
-    def _encode(self, req: Request):
-        """Active set of every row: (indices int64 [N, K], acts float32 [N, K], row_scale or None)."""
+    def select(self, req: Request) -> Selection:
         # torch's current device follows the tensors', so both CUDA runtimes (torch's and the
         # module's static one) agree on the current context during and after the launches.
         with torch.cuda.device(req.x.device):
-            return self._encode_on_device(req)
+            return self._select_on_device(req)
 
-    def _encode_on_device(self, req: Request):
+    def _select_on_device(self, req: Request) -> Selection:
         lib = _load()
         sae = req.sae
         x = req.x
@@ -170,79 +184,49 @@ class CudaBackend:
         topk = sae.activation == "topk"
         thr = None if topk else sae.selection_threshold().float().contiguous()
         n_sm = torch.cuda.get_device_properties(x.device).multi_processor_count
-        if topk:
-            k = min(req.k, sae.d_sae)
-            kp = lib.topk_pad(k)
-            slots = kp
-        else:
-            cap = req.k if req.k is not None else INITIAL_CAPACITY
-            slots = cap
-        tile_rows = _tile_rows(lib, code, MODE_TOPK if topk else MODE_THRESHOLD, kp if topk else 0, x.device)
-        split_cols, n_splits, chunk = self._plan(req.n, sae.d_sae, tile_rows, slots, n_sm)
+        k = req.k  # top-k, or the threshold capacity
+        kp = lib.topk_pad(k) if topk else 0
+        mode = MODE_TOPK if topk else MODE_THRESHOLD
+        tile_rows = _tile_rows(lib, code, mode, kp, x.device)
+        split_cols, n_splits, chunk = self._plan(req.n, sae.d_sae, tile_rows, kp if topk else k, n_sm)
+        # top-k: kp keys per split; threshold: a split never holds more than its columns
+        width = kp if topk else min(k, split_cols)
 
-        def run(sae_in, rows, mode, k_, kp_, cap_):
-            # threshold: a split never holds more than its columns, whatever the capacity
-            width = kp_ if mode == MODE_TOPK else min(cap_, split_cols)
+        idx_parts, act_parts, count_parts, scale_parts = [], [], [], []
+        for r0 in range(0, req.n, chunk):
+            rows = min(req.n, r0 + chunk) - r0
+            sae_in, state = sae.preprocess(x[r0:r0 + rows])
+            sae_in = _rows_contig(sae_in)
             parts = torch.empty((rows, n_splits, width), dtype=torch.int64, device=x.device)
-            counts = (torch.empty((rows, n_splits), dtype=torch.int32, device=x.device)
-                      if mode == MODE_THRESHOLD else None)
+            counts = None if topk else torch.empty((rows, n_splits), dtype=torch.int32, device=x.device)
             lib.encode_select(
                 device=launch.index, stream=launch.stream, x=sae_in.data_ptr(), x_stride=sae_in.stride(0),
                 w=W.data_ptr(), w_stride=W.stride(0), bias=b.data_ptr(), scale=_ptr(scale), thr=_ptr(thr),
-                dtype=code, n=rows, d_in=sae.d_in, d_sae=sae.d_sae, mode=mode, k=k_, kp=kp_, cap=width,
-                split_cols=split_cols, n_splits=n_splits, tile_rows=tile_rows, parts=parts.data_ptr(),
-                counts=_ptr(counts),
+                dtype=code, n=rows, d_in=sae.d_in, d_sae=sae.d_sae, mode=mode, k=k if topk else 0, kp=kp,
+                cap=width, split_cols=split_cols, n_splits=n_splits, tile_rows=tile_rows,
+                parts=parts.data_ptr(), counts=_ptr(counts),
                 vec=_aligned((sae_in, sae_in.stride(0)), (W, W.stride(0))),
             )
-            return parts, counts, width
-
-        idx_parts, act_parts, scale_parts, fullest_all = [], [], [], 0
-        for r0 in range(0, req.n, chunk):
-            r1 = min(req.n, r0 + chunk)
-            rows = r1 - r0
-            sae_in, state = sae.preprocess(x[r0:r1])
-            sae_in = _rows_contig(sae_in)
+            idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
+            acts = torch.empty((rows, k), dtype=torch.float32, device=x.device)
             if topk:
-                parts, _, _ = run(sae_in, rows, MODE_TOPK, k, kp, 0)
-                idx = torch.empty((rows, k), dtype=torch.int64, device=x.device)
-                acts = torch.empty((rows, k), dtype=torch.float32, device=x.device)
                 lib.merge_topk(device=launch.index, stream=launch.stream, parts=parts.data_ptr(), n=rows,
                                n_splits=n_splits, k=k, kp=kp, idx=idx.data_ptr(), acts=acts.data_ptr())
             else:
-                while True:
-                    parts, counts, width = run(sae_in, rows, MODE_THRESHOLD, 0, 0, cap)
-                    idx = torch.empty((rows, cap), dtype=torch.int64, device=x.device)
-                    acts = torch.empty((rows, cap), dtype=torch.float32, device=x.device)
-                    row_counts = torch.empty(rows, dtype=torch.int32, device=x.device)
-                    lib.merge_threshold(device=launch.index, stream=launch.stream, parts=parts.data_ptr(),
-                                        counts=counts.data_ptr(), n=rows, n_splits=n_splits, cap=width, cap_out=cap,
-                                        idx=idx.data_ptr(), acts=acts.data_ptr(), row_counts=row_counts.data_ptr())
-                    fullest = int(row_counts.max())
-                    if fullest <= cap:
-                        break
-                    if req.k is not None:
-                        bad = int(row_counts.argmax())
-                        raise CapacityError(
-                            f"token {r0 + bad} has {fullest} active latents but the capacity is k={cap}; "
-                            f"pass k>={fullest} (or k=None to size the output to the fullest row)"
-                        )
-                    cap = fullest  # exact size; the retry cannot overflow
-                fullest_all = max(fullest_all, fullest)
+                row_counts = torch.empty(rows, dtype=torch.int32, device=x.device)
+                lib.merge_threshold(device=launch.index, stream=launch.stream, parts=parts.data_ptr(),
+                                    counts=counts.data_ptr(), n=rows, n_splits=n_splits, cap=width, cap_out=k,
+                                    idx=idx.data_ptr(), acts=acts.data_ptr(), row_counts=row_counts.data_ptr())
+                count_parts.append(row_counts)
             idx_parts.append(idx)
             act_parts.append(acts)
             scale_parts.append(state.row_scale)
-        if not topk:
-            K = req.k if req.k is not None else max(fullest_all, 1)
-            fit = lambda t, v: t[:, :K] if t.shape[1] >= K else torch.nn.functional.pad(t, (0, K - t.shape[1]), value=v)  # noqa: E731
-            idx_parts = [fit(t, -1) for t in idx_parts]
-            act_parts = [fit(t, 0.0) for t in act_parts]
         cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts)  # noqa: E731
-        row_scale = None if scale_parts[0] is None else cat(scale_parts).float()
-        return cat(idx_parts), cat(act_parts), row_scale
-
-    def select(self, req: Request):
-        idx, acts, _ = self._encode(req)
-        return idx, acts
+        return Selection(
+            cat(idx_parts), cat(act_parts),
+            counts=cat(count_parts) if count_parts else None,
+            row_scale=None if scale_parts[0] is None else cat(scale_parts).float(),
+        )
 
     # ------------------------------------------------------------------ gather-dot
     def _gather_args(self, W_dec, idx, D, row_scale, col_scale):
@@ -258,9 +242,9 @@ class CudaBackend:
             col_scale=_ptr(cs), vec=_aligned((W, W.stride(0)), (D, D.stride(0))),
         ), (W, D, idx, rs, cs)  # keep the tensors alive until the launch is queued
 
-    def gather_dot(self, W_dec, idx, D, row_scale=None, col_scale=None, budget=None):
+    def gather_dot(self, W_dec, idx, D, row_scale=None, col_scale=None) -> torch.Tensor:
         """``g[n, s] = row_scale[n] * col_scale[idx] * (W_dec[idx[n, s]] . D[n])``, 0 where
-        idx < 0, in float32 (same contract as :func:`gradsae.backends.reference.gather_dot`)."""
+        idx < 0, in float32 (see :meth:`gradsae.op.Backend.gather_dot`)."""
         lib = _load()
         if lib is None or not _on_gpu(W_dec) or W_dec.dtype not in _CODES:
             from .reference import gather_dot
@@ -277,51 +261,28 @@ class CudaBackend:
         del keep
         return out
 
-    def influence(self, req: Request):
-        idx, acts, row_scale = self._encode(req)
-        grads = self.gather_dot(req.sae.W_dec, idx, req.grad, row_scale, req.sae.col_scale())
-        return idx, acts, grads
+    def influence(self, req: Request) -> Selection:
+        sel = self.select(req)
+        sel.grads = self.gather_dot(req.sae.W_dec, sel.indices, req.grad, sel.row_scale, req.sae.col_scale())
+        return sel
 
     # ------------------------------------------------------------------ fused statistics
-    def accumulate(self, req: Request, stats, mask: torch.Tensor | None = None) -> None:
-        """Add the influence of ``req`` to ``stats`` (a :class:`~gradsae.stats.LatentStats`)
-        without materialising scores: the gather-dot kernel adds each active slot into the
-        per-latent buffers. ``mask`` (``[N]`` booleans) selects the rows that count.
-        ``req.deterministic``: sort by latent and reduce each latent's entries in input order."""
-        sae = req.sae
-        n = req.n
-        if stats.d_sae != sae.d_sae:
-            raise InputError(f"stats have d_sae={stats.d_sae} but the SAE has d_sae={sae.d_sae}")
-        if mask is not None:
-            mask = mask.reshape(-1).to(device=req.x.device, dtype=torch.bool).contiguous()
-            if mask.numel() != n:
-                raise InputError(f"mask has {mask.numel()} entries for {n} token rows")
-        idx, acts, row_scale = self._encode(req)
-        bufs = [stats.count] + [getattr(stats, f) for f in ("act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")]
-        fused = (
-            all(t.device == req.x.device and t.is_contiguous() for t in bufs)
-            and stats.count.dtype == torch.int64
-            and all(t.dtype == torch.float64 for t in bufs[1:])
-        )
-        if not fused:  # stats kept elsewhere (e.g. on the CPU): plain update
-            from ..influence import Influence
-
-            grads = self.gather_dot(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
-            stats.update(Influence(idx, acts, grads, acts * grads, sae.d_sae), mask, deterministic=req.deterministic)
-            return
+    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None) -> None:
+        """Add the influence of ``sel`` to the statistics ``tables`` without materialising
+        scores: the gather-dot kernel adds each active slot into them (atomics), or, with
+        ``req.deterministic``, the scores are sorted by latent and each latent's entries
+        reduced in input order."""
         with torch.cuda.device(req.x.device):
-            self._accumulate_on_device(req, stats, mask, idx, acts, row_scale)
-        stats.tokens += int(mask.sum()) if mask is not None else n
+            self._accumulate_on_device(req, sel, tables, mask)
 
-    def _accumulate_on_device(self, req, stats, mask, idx, acts, row_scale) -> None:
+    def _accumulate_on_device(self, req: Request, sel: Selection, tables: dict, mask) -> None:
         lib = _load()
         sae = req.sae
         launch = _Launch(req.x.device)
-        ptrs = dict(count=stats.count.data_ptr(), act_sum=stats.act_sum.data_ptr(),
-                    score_sum=stats.score_sum.data_ptr(), relu_sum=stats.relu_sum.data_ptr(),
-                    abs_sum=stats.abs_sum.data_ptr(), score_max=stats.score_max.data_ptr())
+        stats = tuple(tables[f].data_ptr() for f in FIELDS)  # the module's STATS_FIELDS order
+        idx, acts = sel.indices, sel.acts
         if req.deterministic:
-            grads = self.gather_dot(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
+            grads = self.gather_dot(sae.W_dec, idx, req.grad, sel.row_scale, sae.col_scale())
             valid = idx >= 0
             if mask is not None:
                 valid &= mask.unsqueeze(-1)
@@ -332,12 +293,13 @@ class CudaBackend:
             a = a[order].contiguous()
             s = s[order].contiguous()
             lib.segment_stats(device=launch.index, stream=launch.stream, j=j.data_ptr(), acts=a.data_ptr(),
-                              scores=s.data_ptr(), m=j.numel(), **ptrs)
+                              scores=s.data_ptr(), m=j.numel(), stats=stats)
         else:
-            args, keep = self._gather_args(sae.W_dec, idx, req.grad, row_scale, sae.col_scale())
+            args, keep = self._gather_args(sae.W_dec, idx, req.grad, sel.row_scale, sae.col_scale())
+            acts = acts.contiguous()
             lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
-                           **args, **ptrs)
+                           stats=stats, **args)
             del keep
 
 
-register_backend(CudaBackend())
+BACKEND = CudaBackend()

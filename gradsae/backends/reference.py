@@ -4,7 +4,8 @@ for the kernels and the CPU path.
 Memory stays bounded by a fixed element budget, whatever the number of tokens or latents:
 - the encode runs over token chunks and, inside each, over d_sae chunks; a TopK SAE keeps a
   running top-k (per-chunk top-k merged into the best so far), a threshold SAE compacts the
-  active entries of each chunk (only active latents are ever stored);
+  active entries of each chunk (only active latents are ever stored) into the request's
+  ``k`` slots and counts every row's active latents (the op sizes the slots);
 - the gather-dot ``W_dec[idx] . grad`` runs over row sub-chunks so the gathered rows never
   exceed the budget either.
 No [tokens, d_sae] tensor larger than one chunk is allocated.
@@ -14,17 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CapacityError
-from . import Request, register_backend
+from ..op.contract import Request, Selection, acc_dtype
 
 # Elements of the largest temporary (a [rows, d_sae-chunk] block or a [rows, K, d_in] gather).
 # 2^22 fp32 elements = 16 MiB.
 DEFAULT_BUDGET = 1 << 22
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype results are reported (and the gather-dot accumulated) in."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _chunks(total: int, size: int):
@@ -90,11 +85,12 @@ def _select_topk(sae, sae_in: torch.Tensor, K: int, cols: int):
     return acts, idx
 
 
-def _select_threshold(sae, sae_in: torch.Tensor, cols: int, capacity: int | None, row0: int):
+def _select_threshold(sae, sae_in: torch.Tensor, cols: int, capacity: int):
     """Active entries ``v > max(threshold, 0)``, compacted per row in ascending latent order.
 
-    Returns (values, indices), ``[rows, K]`` with K = capacity, or the fullest row's count
-    when capacity is None. Raises CapacityError when a row has more than ``capacity``.
+    Returns (values, indices, counts): the first ``capacity`` active entries of every row in
+    ``[rows, capacity]`` slots, and every row's number of active entries (which may exceed
+    ``capacity``: the op then retries or raises).
     """
     thr = sae.selection_threshold()
     dec_norm = sae.decoder_norm() if sae.rescale_acts_by_decoder_norm else None
@@ -115,21 +111,15 @@ def _select_threshold(sae, sae_in: torch.Tensor, cols: int, capacity: int | None
     order = torch.argsort(r, stable=True)  # rows grouped; columns stay ascending within a row
     r, c, v = r[order], c[order], v[order]
     counts = torch.bincount(r, minlength=rows)
-    fullest = int(counts.max()) if rows else 0
-    if capacity is not None and fullest > capacity:
-        bad = int(counts.argmax())
-        raise CapacityError(
-            f"token {row0 + bad} has {fullest} active latents but the capacity is k={capacity}; "
-            f"pass k>={fullest} (or k=None to size the output to the fullest row)"
-        )
-    K = capacity if capacity is not None else max(fullest, 1)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(r.numel(), device=r.device) - starts[r]
-    idx = torch.full((rows, K), -1, dtype=torch.int64, device=sae_in.device)
-    acts = torch.zeros((rows, K), dtype=sae_in.dtype, device=sae_in.device)
+    fit = slot < capacity
+    r, c, v, slot = r[fit], c[fit], v[fit], slot[fit]
+    idx = torch.full((rows, capacity), -1, dtype=torch.int64, device=sae_in.device)
+    acts = torch.zeros((rows, capacity), dtype=sae_in.dtype, device=sae_in.device)
     idx[r, slot] = c
     acts[r, slot] = v
-    return acts, idx
+    return acts, idx, counts
 
 
 def gather_dot(
@@ -174,20 +164,22 @@ class ReferenceBackend:
     def unsupported(self, req: Request) -> str | None:
         return None
 
-    def _run(self, req: Request, with_grad: bool):
+    def _run(self, req: Request, with_grad: bool) -> Selection:
         sae = req.sae
         n = req.n
         acc = acc_dtype(sae.dtype)
         rows, cols = _plan(n, sae.d_sae, self.budget)
-        idx_parts, act_parts, grad_parts = [], [], []
+        idx_parts, act_parts, count_parts, grad_parts, scale_parts = [], [], [], [], []
         for r0, r1 in _chunks(n, rows):
             sae_in, state = sae.preprocess(req.x[r0:r1])
             if sae.activation == "topk":
                 acts, idx = _select_topk(sae, sae_in, min(req.k, sae.d_sae), cols)
             else:
-                acts, idx = _select_threshold(sae, sae_in, cols, req.k, r0)
+                acts, idx, counts = _select_threshold(sae, sae_in, cols, req.k)
+                count_parts.append(counts)
             idx_parts.append(idx)
             act_parts.append(acts.to(acc))
+            scale_parts.append(state.row_scale)
             if with_grad:
                 # The gather is bound by random reads of W_dec rows, not block size: a block
                 # that stays in cache (1/16 of the budget) is as fast and far smaller.
@@ -195,20 +187,23 @@ class ReferenceBackend:
                     gather_dot(sae.W_dec, idx, req.grad[r0:r1], state.row_scale, sae.col_scale(),
                                max(1, self.budget // 16))
                 )
-        # Threshold SAEs sized exactly: pad every chunk to the fullest row overall.
-        K = max(p.shape[1] for p in idx_parts)
-        pad = lambda t, v: torch.nn.functional.pad(t, (0, K - t.shape[1]), value=v)  # noqa: E731
-        idx = torch.cat([pad(p, -1) for p in idx_parts])
-        acts = torch.cat([pad(p, 0) for p in act_parts])
-        grads = torch.cat([pad(p, 0) for p in grad_parts]) if with_grad else None
-        return idx, acts, grads
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts)  # noqa: E731
+        return Selection(
+            cat(idx_parts), cat(act_parts),
+            counts=cat(count_parts) if count_parts else None,
+            row_scale=None if scale_parts[0] is None else cat(scale_parts),
+            grads=cat(grad_parts) if with_grad else None,
+        )
 
-    def select(self, req: Request):
-        idx, acts, _ = self._run(req, with_grad=False)
-        return idx, acts
+    def select(self, req: Request) -> Selection:
+        return self._run(req, with_grad=False)
 
-    def influence(self, req: Request):
+    def influence(self, req: Request) -> Selection:
         return self._run(req, with_grad=True)
 
+    def gather_dot(self, W_dec, idx, D, row_scale=None, col_scale=None) -> torch.Tensor:
+        """See :meth:`gradsae.op.Backend.gather_dot`; rows in blocks within the budget."""
+        return gather_dot(W_dec, idx, D, row_scale, col_scale, self.budget)
 
-register_backend(ReferenceBackend())
+
+BACKEND = ReferenceBackend()

@@ -7,7 +7,7 @@ model's own answer.
 
 from __future__ import annotations
 
-from ._model import add_model_arguments, build_scorer, emit, parse_k, parse_latents, read_prompt
+from ._model import add_model_arguments, build_scorer, check_latents, emit, parse_k, parse_latents, read_prompt
 
 HELP = "generate with latents zeroed (perturbation)"
 
@@ -20,14 +20,16 @@ def add_arguments(p) -> None:
     w.add_argument("--top", help="zero the prompt's GradSAE Top-K (int or percentage)")
     w.add_argument("--bottom", help="zero the prompt's GradSAE Bottom-K (int or percentage)")
     s.add_argument("--trigger", default=None, help="select at the first generated token containing this text")
-    s.add_argument("--positions", choices=("all", "last"), default="all")
+    s.add_argument("--positions", choices=("all", "last"), default="all",
+                   help="zero the latents at every position (default) or at the last one only")
 
 
 def run(args) -> int:
     prompt = read_prompt(args)
     latents = parse_latents(args.latents)
-    kk = parse_k(args.top or args.bottom) if (args.top or args.bottom) else None
+    kk = parse_k(args.top or args.bottom, "--top" if args.top else "--bottom") if (args.top or args.bottom) else None
     scorer = build_scorer(args)
+    check_latents(latents, scorer.sae.d_sae, "--latents")
     if kk is not None:
         from ..model.interventions import perturbation
         from .select import select

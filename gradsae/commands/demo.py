@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
                    help="score at the label token (default) or at the first token containing '[' (the paper's)")
     p.add_argument("--data", default=None,
                    help="a demo directory written by scripts/train_demo.py (default: the bundled one)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run(args) -> int:
@@ -30,7 +30,12 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..demo.study import KS, QUICK_KS, run_demo
+    from ..errors import InputError
+    from ._model import check_writable_file
 
+    if args.prompts is not None and args.prompts < 1:
+        raise InputError(f"--prompts must be >= 1, got {args.prompts}")
+    check_writable_file(args.out, "--out")  # before the study, not after it
     hf_logging.disable_progress_bar()  # the weight-loading bar of a 1 MB model is noise here
     torch.manual_seed(0)
     torch.set_num_threads(1)  # a 64-wide model: more threads only add overhead

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     e.add_argument("--ks", default="1,10,20,30,50%", help="K values (default 1,10,20,30,50%%)")
     e.add_argument("--methods", default="gradsae,activation", help="gradsae,activation (default both)")
     e.add_argument("--studies", default="perturbation,steering", help="perturbation,steering (default both)")
-    e.add_argument("--max-new-tokens", type=int, default=50)
+    e.add_argument("--max-new-tokens", type=int, default=50, help="greedy generation length (default 50)")
     e.add_argument("--trigger", default="[", help="score at the first predicted token containing this (default '[')")
     e.add_argument("--template-file", default=None,
                    help="prompt template with {context} and {question} (default: the paper's)")
@@ -32,9 +32,11 @@ def add_arguments(p) -> None:
                         "tokenizer's chat template")
     e.add_argument("--steer-positions", choices=("last", "all"), default="last",
                    help="steering edits at the last position (released code, default) or all (paper text)")
-    e.add_argument("--donor-values", choices=("last", "mean", "score"), default="last")
+    e.add_argument("--donor-values", choices=("last", "mean", "score"), default="last",
+                   help="donor latent values for steering: activation at its last position (default), mean "
+                        "activation, or its GradSAE score (as the released code stores)")
     e.add_argument("--out", default=None, help="write rows and per-example records as JSON here")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (model loading included)")
 
 
 def chat_template(tok, template: str) -> str:
@@ -60,24 +62,44 @@ def run(args) -> int:
 
     from .. import experiments as ex
     from ..errors import InputError
+    from ._model import check_writable_file
 
-    # bad data fails before the model loads
+    # bad data, options and output path fail before the model loads
+    for name in ("limit", "sample"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise InputError(f"--{name} must be >= 1, got {v}")
     examples = ex.load_squad(args.data, limit=args.limit, sample=args.sample, seed=args.seed)
-    ks = ex.parse_ks(args.ks)
+    try:
+        ks = ex.parse_ks(args.ks)
+    except InputError as e:
+        raise InputError(f"--ks: {e}") from None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    studies = tuple(s.strip() for s in args.studies.split(",") if s.strip())
+    for opt, got, allowed in (("--methods", methods, ex.METHODS), ("--studies", studies, ex.STUDIES)):
+        bad = [x for x in got if x not in allowed] or ([] if got else ["(none)"])
+        if bad:
+            raise InputError(f"{opt}: unknown {', '.join(bad)}; expected a comma-separated list of "
+                             f"{', '.join(allowed)}")
+    if args.out:
+        check_writable_file(args.out, "--out")
     template = ex.PROMPT
     if args.template_file:
-        with open(args.template_file, encoding="utf-8") as f:
-            template = f.read()
+        try:
+            with open(args.template_file, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise InputError(f"--template-file {args.template_file}: {e.strerror or e}") from None
         if "{context}" not in template or "{question}" not in template:
-            raise InputError("the template must contain {context} and {question}")
+            raise InputError(f"--template-file {args.template_file}: the template must contain {{context}} and "
+                             "{question}")
     elif args.prompt_style == "gemma-released":
         template = ex.PROMPT_GEMMA_RELEASED
-    scorer = build_scorer(args)
+    scorer = build_scorer(args, quiet=args.no_progress)
     if args.prompt_style == "chat":
         template = chat_template(scorer.tokenizer, template)
     res = ex.run_experiments(
-        scorer, examples, ks=ks, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        studies=tuple(s.strip() for s in args.studies.split(",") if s.strip()),
+        scorer, examples, ks=ks, methods=methods, studies=studies,
         max_new_tokens=args.max_new_tokens, trigger=args.trigger, template=template,
         steer_positions=args.steer_positions, donor_how=args.donor_values, progress=not args.no_progress,
     )

@@ -27,7 +27,7 @@ def collect() -> dict:
     try:
         import triton
 
-        info["triton"] = triton.__version__
+        info["triton"] = triton.__version__ + ("" if torch.cuda.is_available() else " (no GPU: interpreter only)")
     except Exception as e:  # noqa: BLE001 - report whatever stops it importing
         info["triton"] = f"unavailable ({e})"
     # Probe each backend with a tiny request on the best device here.
@@ -42,9 +42,15 @@ def collect() -> dict:
     for name in available_backends():
         b = get_backend(name)
         why = b.unsupported(req)
-        entry = {"available": why is None, "reason": why}
-        if hasattr(b, "describe"):
-            entry.update(b.describe())
+        # what the backend says of itself, without overriding whether it serves here
+        extra = {k: v for k, v in (b.describe() if hasattr(b, "describe") else {}).items()
+                 if k not in ("available", "reason", "name")}
+        entry = {"available": why is None, "reason": why, **extra}
+        if name == "triton" and not torch.cuda.is_available():
+            entry["available"] = False
+            entry["reason"] = ("no GPU: interpreter only (TRITON_INTERPRET=1 and backend='triton', for tests)"
+                               if why is None or extra.get("interpreter") or "TRITON_INTERPRET" in str(why)
+                               else why)
         backends[name] = entry
     info["backends"] = backends
     return info

@@ -3,13 +3,16 @@
     gradsae select --model ./gemma-2-2b-it --sae ./sae --prompt "..." --k 50%
     gradsae select ... --trigger "["        # the paper: score where generation emits '['
 
-Without --trigger the objective is read at the prompt's last token (predicted_prob: the
-probability of the model's argmax next token, the paper's Y).
+Without --trigger the objective is read at the prompt's last token (default predicted_prob:
+the probability of the model's own (argmax) next token, the paper's Y; the token is printed).
+With --trigger, Y is the probability of the trigger token at the step the model predicts it.
+A positive score means the latent raises Y.
 """
 
 from __future__ import annotations
 
-from ._model import add_model_arguments, build_scorer, emit, parse_k, read_prompt
+from ._model import add_model_arguments, add_objective_arguments, build_scorer, emit, objective_kwargs, parse_k
+from ._model import read_prompt
 
 HELP = "top/bottom latents of a prompt by GradSAE"
 
@@ -20,42 +23,92 @@ def add_arguments(p) -> None:
     s.add_argument("--k", default="50%", help="how many: an int, or a percentage of the latents active "
                                              "at the last position (default 50%%, the paper's)")
     s.add_argument("--trigger", default=None,
-                   help="score at the first generated token containing this text (the paper: '[')")
-    s.add_argument("--objective", default="predicted_prob",
-                   help="predicted_prob (default), loss, or logprob/logit_diff via the API")
-    s.add_argument("--reduce", choices=("mean", "sum", "last"), default="mean")
-    s.add_argument("--sign", choices=("relu", "signed", "abs"), default="relu")
+                   help="score at the first generated token containing this text (the paper: '['); "
+                        "Y is then the probability of that token")
+    add_objective_arguments(s, default="predicted_prob")
+    s.add_argument("--reduce", choices=("mean", "sum", "last"), default="mean",
+                   help="how a latent's per-token influences make its score: mean over the prompt's tokens "
+                        "(default, the paper's), sum, or the last token's")
+    s.add_argument("--sign", choices=("relu", "signed", "abs"), default="relu",
+                   help="relu: positive influence only (default, the paper's), signed, or abs")
     s.add_argument("--baseline", action="store_true", help="rank by mean activation instead (baseline)")
 
 
 def select(scorer, prompt: str, args):
-    """(PromptScores, trigger step or None, prefix text) for the CLI arguments."""
+    """(PromptScores, trigger step or None, the token ids scored ``[T]``) for the CLI
+    arguments."""
+    import torch
+
     if args.trigger:
         g = scorer.score_at_trigger(prompt, trigger=args.trigger, max_new_tokens=args.max_new_tokens,
                                     reduce=args.reduce, sign=args.sign)
-        return g.scores, g.trigger_step, g.text
-    res = scorer.score(prompt, objective=args.objective, reduce=args.reduce, sign=args.sign)
-    return res, None, ""
+        return g.scores, g.trigger_step, torch.cat([g.prompt_ids, g.token_ids[:g.trigger_step]])
+    kw = objective_kwargs(args, scorer.tokenizer) if hasattr(args, "target") else {}
+    res = scorer.score(prompt, objective=args.objective, reduce=args.reduce, sign=args.sign, **kw)
+    ids, mask = scorer.encode_batch(prompt)
+    return res, None, ids[0][mask[0]].cpu()
+
+
+def describe_y(scorer, ids, args, step) -> tuple[str, dict]:
+    """What Y is for the scored ids, in words (the token whose probability it is, decoded),
+    and the same as JSON fields."""
+    import torch
+
+    tok = scorer.tokenizer
+    obj = "predicted_prob" if args.trigger else args.objective
+    if obj in ("predicted_prob", "logprob", "logit_diff"):
+        pos = args.position if not args.trigger else -1
+        if obj == "predicted_prob":
+            ids = ids.to(scorer.device).unsqueeze(0)
+            with torch.no_grad(), scorer.spliced():
+                logits = scorer.forward(ids, torch.ones_like(ids, dtype=torch.bool)).logits[0]
+            t = int(logits[pos].argmax())
+            word = tok.decode([t])
+            where = f"generation step {step}" if args.trigger else f"position {pos}"
+            return (f"the probability of the model's next token {word!r} (id {t}) at {where}",
+                    {"y": "predicted_prob", "token": word, "token_id": t})
+        kw = objective_kwargs(args, tok)
+        if obj == "logprob":
+            word = tok.decode([kw["target"]])
+            return f"the log-probability of {word!r} at position {pos}", {"y": "logprob", "token": word}
+        a, b = tok.decode([kw["a"]]), tok.decode([kw["b"]])
+        return f"logit({a!r}) - logit({b!r}) at position {pos}", {"y": "logit_diff", "token": a, "token_b": b}
+    what = {"loglik": "the mean log-probability of each next token of the prompt",
+            "loss": "the mean next-token loss over the prompt"}[obj]
+    return what, {"y": obj}
 
 
 def run(args) -> int:
+    from ..errors import InputError
+
     k = parse_k(args.k)
+    if args.trigger and (args.objective != "predicted_prob" or args.target or args.target_b or args.position != -1):
+        raise InputError("--trigger scores predicted_prob at the trigger step; drop --objective, --target and "
+                         "--position, or drop --trigger")
+    objective_kwargs(args, None)  # option combinations, before anything loads
     prompt = read_prompt(args)
     scorer = build_scorer(args)
-    res, step, _ = select(scorer, prompt, args)
+    res, step, ids = select(scorer, prompt, args)
     if args.baseline:
         res = res.activation_baseline()
+    what, y_info = describe_y(scorer, ids, args, step)
     top, bottom = res.top(k, strict=False), res.bottom(k, strict=False)
+    ranked_by = ("mean activation (baseline)" if args.baseline
+                 else f"GradSAE score ({args.reduce} of {args.sign} influence)")
     payload = {
         "k": res.resolve_k(k), "active_last": res.active_last.tolist(), "trigger_step": step,
-        "objective": res.objective,
+        "objective": res.objective, "objective_meaning": what, **{f"objective_{k_}": v for k_, v in y_info.items()},
+        "ranked_by": ranked_by,
         "top": [{"latent": int(j), "score": float(res.scores[j])} for j in top],
         "bottom": [{"latent": int(j), "score": float(res.scores[j])} for j in bottom],
     }
-    lines = [f"objective Y = {res.objective:.6g}; {len(res.active_last)} latents active at the last position"
-             + (f"; scored at generation step {step}" if step is not None else "")]
+    lines = [f"Y = {res.objective:.6g}: {what}",
+             f"{len(res.active_last)} latents active at the last position"
+             + (f"; scored at generation step {step}" if step is not None else "")
+             + f"; ranked by {ranked_by}; a positive score raises Y"]
     for name, sel in (("top", top), ("bottom", bottom)):
         lines.append(f"{name}-{len(sel)}:")
-        lines += [f"  {int(j):>8d}  {float(res.scores[j]):.6g}" for j in sel]
+        lines.append(f"  {'latent':>8}  {'score':>12}")
+        lines += [f"  {int(j):>8d}  {float(res.scores[j]):>12.6g}" for j in sel]
     emit(args, payload, "\n".join(lines))
     return 0

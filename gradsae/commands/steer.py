@@ -7,7 +7,8 @@ paper's local steering from a donor prompt.
 
 from __future__ import annotations
 
-from ._model import add_model_arguments, build_scorer, emit, parse_k, parse_latents, parse_pairs, read_prompt
+from ._model import add_model_arguments, build_scorer, check_latents, emit, parse_k, parse_latents, parse_pairs
+from ._model import read_prompt
 
 HELP = "generate with latents zeroed / set / added, or steered from a donor prompt"
 
@@ -37,7 +38,10 @@ def run(args) -> int:
     addv = parse_pairs(args.add, "--add")
     if not (zero or setv or addv or args.donor):
         raise InputError("nothing to do: pass --zero, --set, --add or --donor")
+    k = parse_k(args.k) if args.donor else None
     scorer = build_scorer(args)
+    for opt, ids in (("--zero", zero), ("--set", list(setv)), ("--add", list(addv))):
+        check_latents(ids, scorer.sae.d_sae, opt)
     positions = args.positions or ("last" if args.donor else "all")
     if args.donor:
         from ..model.interventions import steering
@@ -46,7 +50,7 @@ def run(args) -> int:
         args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
         own, _, _ = select(scorer, prompt, args)
         don, _, _ = select(scorer, args.donor, args)
-        edit = steering(own, don, parse_k(args.k), values=args.donor_values, positions=positions)
+        edit = steering(own, don, k, values=args.donor_values, positions=positions)
         zero += edit["zero"]
         setv.update(edit["set"])
     base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)

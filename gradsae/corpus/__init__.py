@@ -6,13 +6,18 @@ per-latent statistics and top examples by influence, with checkpoints and torchr
     res.stats.top(20)                      # LatentStats
     res.examples.rows(latent)              # TopExamples
 
-Modules: :mod:`.data` (readers), :mod:`.batching` (tokenise, window, pack), :mod:`.examples`
-(top-N per latent), :mod:`.checkpoint` (atomic files, resume), :mod:`.distributed`
-(torch.distributed reduce), :mod:`.report` (output directory), :mod:`.run` (``score_corpus``).
+Modules: :mod:`.config` (``RunConfig``, the run's settings), :mod:`.data` (readers),
+:mod:`.batching` (tokenise, window, pack), :mod:`.examples` (top-N per latent),
+:mod:`.preflight` (checks before the first batch), :mod:`.resume` (output directory policy,
+checkpoints, resume checks), :mod:`.distributed` (torch.distributed reduce), :mod:`.report`
+(output directory), :mod:`.run` (``score_corpus``: setup, loop, finish).
 """
 
+from .config import RunConfig
 from .data import Corpus, open_corpus
 from .examples import TopExamples
-from .run import CorpusResult, score_corpus
+from .resume import RunInterrupted, RunIOError
+from .run import CorpusResult, run_corpus, score_corpus
 
-__all__ = ["score_corpus", "CorpusResult", "TopExamples", "open_corpus", "Corpus"]
+__all__ = ["score_corpus", "run_corpus", "RunConfig", "CorpusResult", "TopExamples", "open_corpus", "Corpus",
+           "RunInterrupted", "RunIOError"]

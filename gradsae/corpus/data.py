@@ -137,6 +137,9 @@ class TextCorpus(_FileCorpus):
             self._len = _count_lines(self.path)
         return self._len
 
+    def describe(self) -> dict:
+        return {**super().describe(), "encoding_errors": self.errors}
+
 
 class JsonlCorpus(_FileCorpus):
     """One JSON object per line; the document is ``obj[field]``."""
@@ -180,7 +183,7 @@ class JsonlCorpus(_FileCorpus):
         return self._len
 
     def describe(self) -> dict:
-        return {**super().describe(), "field": self.field}
+        return {**super().describe(), "field": self.field, "encoding_errors": self.errors}
 
 
 def _check_string_column(where, field: str, names, types) -> None:

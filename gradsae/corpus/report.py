@@ -3,9 +3,11 @@
     stats.safetensors     LatentStats.save (per-latent sums, counts, max; tokens)
     examples.safetensors  the raw top-example tables (TopExamples.to_dict)
     latents.parquet       one row per latent: statistics + top examples with decoded context
+                          (the main output)
     report.png            influence vs activation frequency, score histogram, top latents
-    meta.json             model, SAE, hook, objective, tokens seen, versions, config;
-                          written last, so its presence marks a finished run
+                          (needs matplotlib; skipped with a note without it)
+    meta.json             model, SAE, hook, objective and what its sign means, tokens seen,
+                          versions, config; written last, so its presence marks a finished run
 
 Every file is written atomically (temporary file + rename).
 """
@@ -37,8 +39,9 @@ def _decoder(tokenizer):
 
 def latents_arrow(stats: LatentStats, examples: TopExamples, tokenizer=None):
     """A pyarrow Table with one row per latent: the statistics and ``top_examples`` (a list,
-    best first, of structs doc, pos, score, act, token, context; the example's token is
-    marked ``[[...]]`` in its context)."""
+    best first, of structs doc, pos, score, act, ``token`` (the example's token, decoded),
+    ``left`` and ``right`` (the decoded context before and after it, within its sequence);
+    ``left + token + right`` reads as the text around the example)."""
     import numpy as np
     import pyarrow as pa
 
@@ -68,15 +71,13 @@ def latents_arrow(stats: LatentStats, examples: TopExamples, tokenizer=None):
     uniq = sorted(set(centers))
     piece = dict(zip(uniq, decode([[t] for t in uniq])))
     tokens = [piece[t] for t in centers]
-    contexts = [f"{a}[[{m}]]{b}" for a, m, b in zip(left, tokens, right)]
     which = which.numpy()
     token = pa.array(tokens, pa.string()).take(which)
-    context = pa.array(contexts, pa.string()).take(which)
     struct = pa.StructArray.from_arrays(
         [pa.array(examples.doc.cpu()[rows, cols_].numpy()), pa.array(examples.pos.cpu()[rows, cols_].numpy()),
          pa.array(examples.score.cpu()[rows, cols_].numpy()), pa.array(examples.act.cpu()[rows, cols_].numpy()),
-         token, context],
-        names=["doc", "pos", "score", "act", "token", "context"])
+         token, pa.array(left, pa.string()).take(which), pa.array(right, pa.string()).take(which)],
+        names=["doc", "pos", "score", "act", "token", "left", "right"])
     offsets = np.concatenate([[0], np.cumsum(filled.sum(1).numpy())]).astype(np.int32)
     table = pa.table(cols)
     return table.append_column("top_examples", pa.ListArray.from_arrays(pa.array(offsets), struct))
@@ -94,9 +95,19 @@ def write_parquet(table, path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
-def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20) -> None:
+def plot_unavailable() -> str | None:
+    """Why ``report.png`` cannot be drawn here (matplotlib missing), or None."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "matplotlib is not installed (pip install 'gradsae[report]')"
+    return None
+
+
+def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20, positive: str = "") -> None:
     """Three panels: mean influence vs activation frequency, the distribution of per-latent
-    mean scores, and the latents with the largest total positive influence."""
+    mean scores, and the latents with the largest total positive influence. ``positive``: what
+    a positive influence means for the run's objective, written under the title."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no GUI, no global state
     from matplotlib.figure import Figure
@@ -124,24 +135,43 @@ def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20) -
     ax[2].barh(np.arange(len(idx))[::-1], val / max(1, stats.tokens))
     ax[2].set_yticks(np.arange(len(idx))[::-1], [str(i) for i in idx], fontsize=7)
     ax[2].set_xlabel("mean relu(influence) per token")
-    ax[2].set_title(f"top {len(idx)} latents")
-    fig.suptitle(title, fontsize=9)
+    ax[2].set_title(f"top {len(idx)} latents by positive influence")
+    fig.suptitle(title + (f"\ninfluence > 0: {positive}" if positive else ""), fontsize=9)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.12, top=0.86, wspace=0.28)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
-def write_outputs(out, stats: LatentStats, examples: TopExamples, meta: dict, tokenizer=None) -> None:
-    """Write the whole output directory; ``meta.json`` last."""
+def write_outputs(out, stats: LatentStats, examples: TopExamples, meta: dict, tokenizer=None,
+                  plot: bool = True) -> list[str]:
+    """Write the whole output directory, ``meta.json`` last (``report.png`` only with
+    ``plot``); returns the names written. If a write fails, the files this call wrote are
+    removed again (a part of the set is no result) and the error propagates."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    stats.save(out / "stats.safetensors")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()}
-    atomic_write(out / "examples.safetensors", lambda tmp: save_file(tensors, tmp))
-    write_parquet(latents_arrow(stats, examples, tokenizer), out / "latents.parquet")
-    title = f"{meta.get('model', {}).get('name', '')} {meta.get('hook', '')} objective={meta.get('objective', '')}"
-    write_report_png(stats, out / "report.png", title=title)
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    written: list[str] = []
+
+    def put(name, write):
+        written.append(name)
+        write(out / name)
+
+    try:
+        put("stats.safetensors", stats.save)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()}
+        put("examples.safetensors", lambda p: atomic_write(p, lambda tmp: save_file(tensors, tmp)))
+        put("latents.parquet", lambda p: write_parquet(latents_arrow(stats, examples, tokenizer), p))
+        if plot:
+            sign = meta.get("sign", {})
+            title = (f"{meta.get('model', {}).get('name', '')} {meta.get('hook', '')} "
+                     f"objective={meta.get('objective', '')}" + (f" (Y = {sign['y']})" if sign.get("y") else ""))
+            put("report.png", lambda p: write_report_png(stats, p, title=title, positive=sign.get("positive", "")))
+        text = json.dumps({"files": [*written, "meta.json"], **meta}, indent=2, sort_keys=True) + "\n"
+        put("meta.json", lambda p: atomic_write_text(p, text))
+    except BaseException:
+        for name in written:
+            (out / name).unlink(missing_ok=True)
+        raise
+    return written
 
 
 def read_meta(out) -> dict | None:

@@ -5,33 +5,41 @@ sparse influence goes into :class:`gradsae.LatentStats` and :class:`TopExamples`
 dropped, so memory stays flat however long the corpus is. Checkpoints make a killed run
 resumable with results identical to an uninterrupted one; under torchrun the batches are
 shared between processes and the results reduced (see :mod:`gradsae.corpus.distributed`).
+
+A run has three stages (:class:`CorpusRun`): ``setup`` checks everything that can be checked
+before the first batch (settings, device, sequence length, hook, output directory, a resumed
+run's checkpoint and data) and writes nothing; ``loop`` scores the batches, writing
+checkpoints, and on Ctrl-C or an I/O error writes one of the batches done so far before it
+stops; ``finish`` reduces over processes and writes the outputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import platform
-import shutil
+import signal
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from ..errors import GradSAEError, InputError
+from ..model import objectives as _obj
 from ..stats import LatentStats
 from . import distributed as D
-from .batching import LONG_MODES, Cursor, make_batches
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
-from .data import open_corpus
+from . import preflight, resume
+from .batching import Cursor, make_batches
+from .config import AUTOCAST, DEFAULT_OBJECTIVE, RunConfig
+from .data import Corpus, open_corpus
 from .examples import TopExamples
-from .report import OUTPUT_FILES, read_meta, write_outputs
+from .report import OUTPUT_FILES, plot_unavailable, write_outputs
+from .resume import Checkpointer, Fingerprint, RunInterrupted, RunIOError, RunState
 
-AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-            "fp16": torch.float16, "float16": torch.float16}
-# Settings that may change between a run and its resumption (they do not change results).
-_VOLATILE = ("device", "progress", "checkpoint_every", "checkpoint_interval")
+RESUME_HINT = "resume=True (CLI: --resume)"
 
 
 @dataclass
@@ -51,19 +59,10 @@ def _model_name(model) -> str:
     return str(getattr(cfg, "_name_or_path", "") or type(model).__name__)
 
 
-def _default_max_length(model) -> int:
-    cfg = getattr(model, "config", None)
-    for k in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(cfg, k, None)
-        if isinstance(v, int) and v > 0:
-            return min(v, 1024)
-    return 1024
-
-
 def _versions() -> dict:
-    import gradsae
+    from ..version import __version__
 
-    out = {"gradsae": gradsae.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {"gradsae": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import transformers
 
@@ -78,60 +77,52 @@ def _describe_sae(sae) -> dict:
             "hook_name": sae.hook_name, "dtype": str(sae.dtype).replace("torch.", "")}
 
 
-def _check_out_dir(out: Path, ctx: D.DistContext, resume: bool, overwrite: bool) -> Path | None:
-    """Decide what the output directory allows; returns this rank's checkpoint to resume from
-    (or None). Raises before anything is written."""
-    ck = checkpoint_path(out, ctx.rank, ctx.world_size)
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise InputError(f"output {out} exists and is not a directory")
-    meta = read_meta(out)
-    ck_dir = out / "checkpoint"
-    ckpts = sorted(ck_dir.glob("rank*.safetensors")) if ck_dir.is_dir() else []
-    ours = set(OUTPUT_FILES) | {"checkpoint"}
-    foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")]
-    if foreign:
-        raise InputError(f"output directory {out} holds files that are not from a gradsae run "
-                         f"({', '.join(sorted(foreign)[:5])}); choose an empty or new directory")
-    if overwrite:
-        return None
-    if meta is not None:
-        raise InputError(f"output directory {out} holds a finished run (meta.json); pass overwrite=True "
-                         "(CLI: --overwrite) to replace it, or choose another directory")
-    if ckpts:
-        if not resume:
-            raise InputError(f"output directory {out} holds an unfinished run (checkpoint/); pass resume=True "
-                             "(CLI: --resume) to continue it, or overwrite=True (CLI: --overwrite) to start over")
-        if not ck.is_file():
-            raise InputError(f"cannot resume: {out}/checkpoint holds {[p.name for p in ckpts]}, not "
-                             f"{ck.name}; resume with the same number of processes as the interrupted run")
-        return ck
-    return None
+class _SigintGuard:
+    """Ctrl-C during a run: a KeyboardInterrupt at once, except inside :meth:`critical`
+    (the accumulators being updated), where it waits for the block to end, so a checkpoint
+    written after it never holds half a batch. Installed only in the main thread, and only
+    over Python's default handler."""
 
+    def __init__(self):
+        self.depth, self.pending, self.prev = 0, False, None
 
-def _clear(out: Path) -> None:
-    for name in OUTPUT_FILES:
-        p = out / name
-        if p.is_file():
-            p.unlink()
-    _drop_leftovers(out)
+    def __enter__(self):
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.prev = signal.signal(signal.SIGINT, self._handler)
+        return self
 
+    def __exit__(self, *exc):
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
+            self.prev = None
 
-def _drop_leftovers(out: Path) -> None:
-    """After a finished run: the checkpoint directory (every rank has removed its checkpoint;
-    what remains are temporary files of writes a kill interrupted) and such temporary files of
-    the outputs."""
-    if (out / "checkpoint").is_dir():
-        shutil.rmtree(out / "checkpoint")
-    for name in OUTPUT_FILES:
-        for p in out.glob(f".{name}.*.tmp"):
-            p.unlink(missing_ok=True)
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def critical(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
-def _config_diff(a: dict, b: dict) -> list[str]:
-    keys = (set(a) | set(b)) - set(_VOLATILE)
-    return sorted(k for k in keys if a.get(k) != b.get(k))
+    @contextlib.contextmanager
+    def hold(self):
+        """Defer Ctrl-C during the block and drop it (the run is already stopping)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self.pending = False
 
 
 def score_corpus(
@@ -140,7 +131,7 @@ def score_corpus(
     data,
     *,
     hook: str | None = None,
-    objective="loss",
+    objective=DEFAULT_OBJECTIVE,
     mode: str = "splice",
     tokenizer=None,
     out=None,
@@ -172,17 +163,21 @@ def score_corpus(
         data: a path (text: one document per line; ``.jsonl``; ``.parquet``; a ``datasets``
             directory) or a list of strings; see :func:`gradsae.corpus.data.open_corpus`.
         hook: where the SAE sits (TransformerLens-style name or module path; default: the
-            SAE's ``hook_name``).
-        objective: the scalar Y per sequence (default ``"loss"``, the mean next-token loss);
-            any objective of :meth:`gradsae.GradSAE.attribute`, whose extra keyword arguments
-            (``position``, ``target``...) pass through ``objective_kwargs``.
+            SAE's ``hook_name``; a hook other than the SAE's own gives a warning).
+        objective: the scalar Y per sequence whose gradient is taken. Default ``"loglik"``,
+            the mean log-probability of each actual next token: a positive influence means the
+            latent helps the model predict the text. ``"loss"`` (the mean next-token loss, so
+            positive = hurts the prediction), or any objective of
+            :meth:`gradsae.GradSAE.attribute`, whose extra keyword arguments (``position``,
+            ``target``, ``a``, ``b``) pass through ``objective_kwargs``.
         mode: ``"splice"`` or ``"error"`` (see :class:`gradsae.GradSAE`).
         tokenizer: a transformers tokenizer for the model (required).
         out: output directory (``stats.safetensors``, ``examples.safetensors``,
-            ``latents.parquet``, ``meta.json``, ``report.png``) and checkpoints; None keeps
-            everything in memory (no checkpoints).
+            ``latents.parquet``, ``meta.json``, ``report.png`` when matplotlib is installed)
+            and checkpoints; None keeps everything in memory (no checkpoints).
         field, format, split, encoding_errors: how to read ``data`` (see ``open_corpus``).
-        max_length: tokens per sequence (default: the model's context, at most 1024).
+        max_length: tokens per sequence (default: the model's positions, at most 1024; more
+            than the model's positions is refused).
         long: ``"window"`` cuts long documents into consecutive windows; ``"truncate"`` keeps
             the first ``max_length`` tokens.
         batch_tokens: padded tokens per batch (batch size x longest sequence).
@@ -191,8 +186,9 @@ def score_corpus(
         device: where to run (default: the model's device; under torchrun with CUDA, the
             local rank's GPU). The model and SAE are moved there.
         checkpoint_every, checkpoint_interval: write a checkpoint after this many batches
-            and/or seconds (needs ``out``).
-        resume: continue the unfinished run in ``out`` (a fresh start if there is none).
+            and/or seconds (needs ``out``). Ctrl-C and I/O errors also write one.
+        resume: continue the unfinished run in ``out`` (a fresh start if there is none); the
+            settings and the documents read so far must be those of the interrupted run.
         overwrite: replace a finished or unfinished run in ``out``.
         progress: show a progress bar (tokens/s, ETA) and a summary line (rank 0).
         backend: influence backend.
@@ -200,173 +196,301 @@ def score_corpus(
 
     Returns:
         :class:`CorpusResult` (``stats``, ``examples``, ``meta``, ``out``).
+
+    Raises:
+        InputError: a bad setting or input, found before the first batch.
+        RunIOError: a write or read failed mid-run (the last checkpoint is kept).
+        RunInterrupted: Ctrl-C (a :class:`KeyboardInterrupt`; a checkpoint of the batches
+            done is written when there is an output directory).
     """
+    config = RunConfig(
+        hook=hook, objective=objective, objective_kwargs=objective_kwargs, mode=mode, max_length=max_length,
+        long=long, batch_tokens=batch_tokens, top_n=top_n, context=context, autocast=autocast, backend=backend,
+        deterministic=deterministic, field=field, format=format, split=split, encoding_errors=encoding_errors,
+        out=out, device=device, checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
+        resume=resume, overwrite=overwrite, progress=progress)
+    return run_corpus(model, sae, data, config, tokenizer=tokenizer)
+
+
+def run_corpus(model, sae, data, config: RunConfig, tokenizer=None) -> CorpusResult:
+    """:func:`score_corpus` with its settings in a :class:`RunConfig`."""
     t_start = time.perf_counter()
-    if long not in LONG_MODES:
-        raise InputError(f"long must be one of {LONG_MODES}, got {long!r}")
-    if autocast not in AUTOCAST:
-        raise InputError(f"autocast must be one of {sorted(k for k in AUTOCAST if k)} or None, got {autocast!r}")
     if tokenizer is None:
         raise InputError("score_corpus needs the model's tokenizer (tokenizer=...)")
-    for name, v in (("batch_tokens", batch_tokens), ("top_n", top_n)):
-        if not isinstance(v, int) or v < 1:
-            raise InputError(f"{name} must be a positive int, got {v!r}")
-    corpus = open_corpus(data, format=format, field=field, split=split, encoding_errors=encoding_errors)
-    ctx = D.context_from_env(device)
+    corpus = open_corpus(data, format=config.format, field=config.field, split=config.split,
+                         encoding_errors=config.encoding_errors)
+    preflight.check_device(config.device)
+    ctx = D.context_from_env(config.device)
     try:
-        opts = dict(hook=hook, objective=objective, mode=mode, tokenizer=tokenizer, out=out, max_length=max_length,
-                    long=long, batch_tokens=batch_tokens, top_n=top_n, context=context, autocast=autocast,
-                    device=device, checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
-                    resume=resume, overwrite=overwrite, progress=progress, backend=backend,
-                    deterministic=deterministic, objective_kwargs=objective_kwargs)
-        return _run(model, sae, corpus, ctx, t_start, opts)
+        run = CorpusRun(model, sae, corpus, tokenizer, config, ctx, t_start)
+        run.setup()
+        run.loop()
+        return run.finish()
     finally:
         ctx.close()
 
 
-def _run(model, sae, corpus, ctx: D.DistContext, t_start: float, a: dict) -> CorpusResult:
-    """The body of :func:`score_corpus` (``a``: its keyword arguments)."""
-    from ..model import GradSAE
+class CorpusRun:
+    """One corpus run in three stages: :meth:`setup`, :meth:`loop`, :meth:`finish` (see the
+    module docstring)."""
 
-    device = a["device"]
-    if ctx.active and device is None and torch.cuda.is_available():
-        device = f"cuda:{ctx.local_rank}"
-    if device is not None:
-        model = model.to(device)
-    dev = next(model.parameters()).device
-    max_length = a["max_length"] or _default_max_length(model)
-    if max_length < 2 and a["objective"] == "loss":
-        raise InputError("objective 'loss' needs max_length >= 2")
-    scorer = GradSAE(model, sae, hook=a["hook"], mode=a["mode"], backend=a["backend"])
-    sae = scorer.sae
-    tok = a["tokenizer"]
-    obj_kw = a["objective_kwargs"]
-    objective = a["objective"]
-    config = {
-        "data": corpus.describe(), "objective": objective if isinstance(objective, str) else
-        f"{getattr(objective, '__module__', '')}.{getattr(objective, '__qualname__', type(objective).__name__)}",
-        "objective_kwargs": {k: repr(v) for k, v in sorted(obj_kw.items())}, "mode": a["mode"],
-        "hook": scorer.point.name, "max_length": max_length, "long": a["long"], "batch_tokens": a["batch_tokens"],
-        "top_n": a["top_n"], "context": a["context"], "autocast": a["autocast"], "backend": a["backend"],
-        "model": _model_name(model), "sae": _describe_sae(sae), "world_size": ctx.world_size,
-        "tokenizer": type(tok).__name__ + ":" + str(getattr(tok, "name_or_path", "")),
-        "device": str(dev), "progress": a["progress"], "checkpoint_every": a["checkpoint_every"],
-        "checkpoint_interval": a["checkpoint_interval"],
-    }
-    out = Path(a["out"]) if a["out"] is not None else None
+    def __init__(self, model, sae, corpus: Corpus, tokenizer, config: RunConfig, ctx: D.DistContext,
+                 t_start: float | None = None):
+        self.model, self.sae, self.corpus, self.tok = model, sae, corpus, tokenizer
+        self.cfg, self.ctx = config, ctx
+        self.t_start = time.perf_counter() if t_start is None else t_start
 
-    # ---- what the output directory allows (every rank checks before anything is written)
-    resume_from = None
-    if out is not None:
-        resume_from = _check_out_dir(out, ctx, a["resume"], a["overwrite"])
-        D.barrier(ctx)
-        if a["overwrite"] and ctx.is_main and out.exists():
-            _clear(out)
-        D.barrier(ctx)
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Everything that can be checked before the first batch; writes nothing (beyond
+        clearing ``out`` for ``overwrite``)."""
+        from ..model import GradSAE
 
-    stats = LatentStats(sae.d_sae, device=dev)
-    examples = TopExamples(sae.d_sae, a["top_n"], a["context"], device=dev)
-    counts = {"documents": 0, "sequences": 0, "batches": 0}
-    next_batch, cursor, elapsed_before = 0, Cursor(0, 0), 0.0
-    if resume_from is not None:
-        stats, examples, state = load_checkpoint(resume_from, device=dev)
-        diff = _config_diff(state["config"], config)
-        if diff:
-            raise InputError(f"cannot resume {out}: the run was started with different settings ({', '.join(diff)}); "
-                             "use the same settings, or overwrite=True to start over")
-        next_batch, cursor = int(state["next_batch"]), Cursor(*state["cursor"])
-        counts = {k: int(state["counts"][k]) for k in counts}
-        elapsed_before = float(state["elapsed"])
-    ck_file = checkpoint_path(out, ctx.rank, ctx.world_size) if out is not None else None
+        cfg, ctx = self.cfg, self.ctx
+        self.out = cfg.out
+        # report.png: decided now, not after the work
+        self.plot_skipped = plot_unavailable() if self.out is not None else None
+        if self.plot_skipped and ctx.is_main:
+            warnings.warn(f"report.png will not be written: {self.plot_skipped}", UserWarning, stacklevel=2)
 
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    batches = make_batches(corpus, tok, max_length=max_length, batch_tokens=a["batch_tokens"], long=a["long"],
-                           start=cursor, first_index=next_batch, pad_id=pad_id,
-                           min_length=2 if objective == "loss" else 1)
-    amp = AUTOCAST[a["autocast"]]
-    amp_ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+        # ---- what the output directory allows (every rank checks before anything is written)
+        resume_from = None
+        if self.out is not None:
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise InputError("writing latents.parquet needs pyarrow, a dependency of gradsae: "
+                                 "pip install pyarrow") from None
+            resume_from = resume.check_out_dir(self.out, ctx.rank, ctx.world_size, cfg.resume, cfg.overwrite)
+            if ctx.is_main:
+                resume.probe_writable(self.out)
+        device = cfg.device
+        if ctx.active and device is None and torch.cuda.is_available():
+            device = f"cuda:{ctx.local_rank}"
+        if device is not None:
+            self.model = self.model.to(device)
+        dev = next(self.model.parameters()).device
+        max_length = preflight.resolve_max_length(self.model, cfg.max_length)
+        if max_length < cfg.min_length:
+            raise InputError(f"objective {cfg.objective_name!r} needs max_length >= {cfg.min_length}")
+        preflight.check_objective_tokens(self.model, cfg.objective_kwargs)
+        self.scorer = GradSAE(self.model, self.sae, hook=preflight.sae_hook(self.sae, cfg.hook), mode=cfg.mode,
+                              backend=cfg.backend)
+        preflight.check_hook(self.scorer, self.sae)
+        self.sae = self.scorer.sae
+        self.dev = dev
+        self.cfg = cfg = cfg.resolved(hook=self.scorer.point.name, max_length=max_length, device=str(dev))
+        tok = self.tok
+        self.record = {
+            **cfg.record(), "data": self.corpus.describe(), "model": _model_name(self.model),
+            "sae": _describe_sae(self.sae), "world_size": ctx.world_size,
+            "tokenizer": type(tok).__name__ + ":" + str(getattr(tok, "name_or_path", "")),
+        }
+        self.stats = LatentStats(self.sae.d_sae, device=dev)
+        self.examples = TopExamples(self.sae.d_sae, cfg.top_n, cfg.context, device=dev)
+        self.state = RunState(config=self.record, rank=ctx.rank, world_size=ctx.world_size)
+        self.fp = Fingerprint()
+        ck_file = resume.checkpoint_path(self.out, ctx.rank, ctx.world_size) if self.out is not None else None
+        self.ck = Checkpointer(ck_file, cfg.checkpoint_every, cfg.checkpoint_interval, time.perf_counter())
+        if resume_from is not None:
+            self.stats, self.examples, saved, self.fp = resume.restore(
+                resume_from, self.record, self.corpus, self.out, device=dev, progress=cfg.progress and ctx.is_main)
+            self.state.next_batch, self.state.cursor = saved.next_batch, saved.cursor
+            self.state.counts, self.state.elapsed = saved.counts, saved.elapsed
+            self.state.fingerprint = saved.fingerprint
+            self.ck.saved = saved
+        if self.out is not None:
+            D.barrier(ctx)
+            if cfg.overwrite and ctx.is_main and self.out.exists():
+                resume.clear(self.out)
+            D.barrier(ctx)
 
-    from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ loop
+    def _snapshot(self, index: int, cursor: Cursor) -> RunState:
+        st = self.state
+        return RunState(next_batch=index, cursor=cursor, counts=dict(st.counts),
+                        elapsed=st.elapsed + time.perf_counter() - self.t0, config=self.record,
+                        fingerprint=self.fp.upto(cursor.doc), rank=self.ctx.rank, world_size=self.ctx.world_size)
 
-    n_records = len(corpus)
-    bar = tqdm(total=n_records, initial=cursor.doc, unit="doc", dynamic_ncols=True, desc="gradsae score",
-               disable=not (a["progress"] and ctx.is_main), file=sys.stderr)
-    t0 = time.perf_counter()
-    tokens0 = stats.tokens
-    last_ck_time, since_ck = t0, 0
+    def _save(self, at: RunState) -> None:
+        self.ck.save(self.stats, self.examples, at, time.perf_counter())
 
-    def save(i: int, cur: Cursor) -> None:
-        state = {"next_batch": i, "cursor": list(cur), "counts": counts, "config": config,
-                 "elapsed": elapsed_before + time.perf_counter() - t0, "rank": ctx.rank, "world_size": ctx.world_size}
-        save_checkpoint(ck_file, stats, examples, state)
+    def loop(self) -> None:
+        """Score every batch from the state's cursor on, checkpointing as configured. On
+        Ctrl-C or an I/O error, write a checkpoint of the batches done before stopping."""
+        cfg, ctx = self.cfg, self.ctx
+        st = self.state
+        batches = make_batches(self.fp.tap(self.corpus), self.tok, max_length=cfg.max_length,
+                               batch_tokens=cfg.batch_tokens, long=cfg.long, start=st.cursor,
+                               first_index=st.next_batch, pad_id=self._pad_id(), min_length=cfg.min_length)
+        amp = AUTOCAST[cfg.autocast]
+        dev = self.dev
+        amp_ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else contextlib.nullcontext
+        obj_kw = cfg.objective_kwargs
 
-    try:
-        for batch in batches:
-            if ck_file is not None and since_ck > 0 and (
-                    (a["checkpoint_every"] and since_ck >= a["checkpoint_every"])
-                    or (a["checkpoint_interval"] is not None
-                        and time.perf_counter() - last_ck_time >= a["checkpoint_interval"])):
-                save(batch.index, batch.start)
-                last_ck_time, since_ck = time.perf_counter(), 0
-            bar.update(max(0, int(batch.doc_ids[-1]) + 1 - bar.n))
-            if batch.index % ctx.world_size != ctx.rank:
-                continue
-            with amp_ctx():
-                att = scorer.attribute(batch.input_ids.to(dev), batch.attention_mask.to(dev), objective=objective,
-                                       **obj_kw)
-            stats.update(att.influence, att.mask, deterministic=a["deterministic"])
-            examples.update(att.influence, att.mask, batch.input_ids, batch.attention_mask, batch.doc_ids,
-                            batch.offsets)
-            del att
-            counts["documents"] += batch.new_docs
-            counts["sequences"] += batch.input_ids.shape[0]
-            counts["batches"] += 1
-            since_ck += 1
-            dt = time.perf_counter() - t0
-            if dt > 0:
-                bar.set_postfix_str(f"{(stats.tokens - tokens0) * ctx.world_size / dt:,.0f} tok/s", refresh=False)
-        bar.update(n_records - bar.n)
-    finally:
-        bar.close()
+        from tqdm.auto import tqdm
 
-    # ---- reduce over ranks, write the outputs (rank 0), drop the checkpoints
-    stats = D.all_reduce_stats(ctx, stats)
-    examples = D.gather_examples(ctx, examples)
-    counts = D.all_reduce_counts(ctx, counts)
-    elapsed = D.all_reduce_max(ctx, elapsed_before + time.perf_counter() - t0)
-    if stats.tokens == 0:
-        raise InputError(f"no tokens to score: none of the {n_records} documents of the corpus has "
-                         f"{'2 tokens (the loss needs 2)' if objective == 'loss' else 'a token'}")
-    session_s = time.perf_counter() - t_start
-    meta = {
-        "complete": True,
-        "model": {"name": _model_name(model), "type": getattr(getattr(model, "config", None), "model_type", None)},
-        "sae": _describe_sae(sae), "hook": scorer.point.name, "hook_module": scorer.point.module_path,
-        "objective": config["objective"], "mode": a["mode"], "tokens": stats.tokens,
-        "documents": counts["documents"], "records": n_records, "records_skipped": n_records - counts["documents"],
-        "sequences": counts["sequences"], "batches": counts["batches"],
-        "active_latents": int((stats.count > 0).sum()), "seconds": round(elapsed, 3),
-        "tokens_per_second": round(stats.tokens / elapsed, 2) if elapsed > 0 else None,
-        "world_size": ctx.world_size, "device": str(dev), "versions": _versions(),
-        "config": {k: v for k, v in config.items() if k not in ("progress",)},
-    }
-    if out is not None:
-        if ctx.is_main:
-            write_outputs(out, stats, examples, meta, tok)
-        D.barrier(ctx)
-        if ck_file is not None and ck_file.is_file():
-            ck_file.unlink()
-        D.barrier(ctx)
-        if ctx.is_main:
-            _drop_leftovers(out)
-    if a["progress"] and ctx.is_main:
-        print(f"gradsae score: {stats.tokens:,} tokens from {counts['documents']:,} documents "
-              f"({n_records - counts['documents']:,} skipped: empty or too short) in {elapsed:,.1f} s, "
-              f"{stats.tokens / max(elapsed, 1e-9):,.0f} tok/s over {ctx.world_size} process(es); "
-              f"{meta['active_latents']:,} of {sae.d_sae:,} latents active"
-              + (f"; wrote {out}" if out is not None else "") + f" [{session_s:,.1f} s total]",
-              file=sys.stderr)
-    return CorpusResult(stats, examples, meta, out)
+        self.n_records = len(self.corpus)
+        bar = tqdm(total=self.n_records, initial=st.cursor.doc, unit="doc", dynamic_ncols=True, desc="gradsae score",
+                   disable=not (cfg.progress and ctx.is_main), file=sys.stderr)
+        self.t0 = time.perf_counter()
+        tokens0 = self.stats.tokens
+        # (next batch, its cursor): what a checkpoint written now would resume from
+        at = (st.next_batch, st.cursor)
+        consistent = True  # the accumulators hold exactly the batches before ``at``
+        guard = _SigintGuard()
+        with guard:
+            try:
+                it = iter(batches)
+                nxt = next(it, None)
+                while nxt is not None:
+                    batch = nxt
+                    if self.ck.due(time.perf_counter()):
+                        self._save(self._snapshot(*at))
+                    bar.update(max(0, int(batch.doc_ids[-1]) + 1 - bar.n))
+                    mine = batch.index % ctx.world_size == ctx.rank
+                    if mine:
+                        with amp_ctx():
+                            att = self.scorer.attribute(batch.input_ids.to(dev), batch.attention_mask.to(dev),
+                                                        objective=cfg.objective, **obj_kw)
+                    nxt = next(it, None)  # read on before committing: its cursor is the next ``at``
+                    with guard.critical():
+                        consistent = False
+                        if mine:
+                            self.stats.update(att.influence, att.mask, deterministic=cfg.deterministic)
+                            self.examples.update(att.influence, att.mask, batch.input_ids, batch.attention_mask,
+                                                 batch.doc_ids, batch.offsets)
+                            del att
+                            st.counts["documents"] += batch.new_docs
+                            st.counts["sequences"] += batch.input_ids.shape[0]
+                            st.counts["batches"] += 1
+                            self.ck.since += 1
+                        at = (nxt.index, nxt.start) if nxt is not None else (batch.index + 1, Cursor(self.fp.read, 0))
+                        consistent = True
+                    dt = time.perf_counter() - self.t0
+                    if dt > 0:
+                        bar.set_postfix_str(f"{(self.stats.tokens - tokens0) * ctx.world_size / dt:,.0f} tok/s",
+                                            refresh=False)
+                if at[1].doc < self.fp.read:  # trailing records that gave no sequence
+                    at = (at[0], Cursor(self.fp.read, 0))
+                bar.update(self.n_records - bar.n)
+            except KeyboardInterrupt:
+                bar.close()
+                if self.ck.path is None or not consistent:
+                    raise
+                if self.ck.since > 0:  # batches done since the last checkpoint
+                    with guard.hold():
+                        try:
+                            self._save(self._snapshot(*at))
+                        except OSError as e:
+                            raise RunIOError(self._io_message(e, "writing the checkpoint after Ctrl-C")) from e
+                if self.ck.saved is None:
+                    raise  # nothing was scored: nothing to resume
+                n = self.ck.saved.counts["batches"]
+                raise RunInterrupted(
+                    f"interrupted; a checkpoint of the {n} batch{'es' * (n != 1)} done is in "
+                    f"{self.ck.path.parent}: continue with {RESUME_HINT}", self.ck.path) from None
+            except (OSError, GradSAEError) as e:
+                bar.close()
+                if self.ck.path is None:
+                    raise
+                saved_now = False
+                if consistent and self.ck.since > 0:  # keep what was done if a checkpoint can still be written
+                    with contextlib.suppress(OSError), guard.hold():
+                        self._save(self._snapshot(*at))
+                        saved_now = True
+                if isinstance(e, OSError):
+                    raise RunIOError(self._io_message(e, "during the run")) from e
+                if saved_now:
+                    e.args = (f"{e.args[0] if e.args else e}; {self.ck.describe_kept()}: fix it and continue "
+                              f"with {RESUME_HINT}",) + tuple(e.args[1:])
+                raise
+            finally:
+                bar.close()
+        self.end = at
+
+    def _io_message(self, e: OSError, when: str) -> str:
+        what = f"{e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None) else "")
+        kept = self.ck.describe_kept()
+        cont = (f"; free space or fix the problem and continue with {RESUME_HINT}"
+                if self.ck.path is not None and self.ck.path.is_file() else "")
+        return f"I/O error {when} ({what}); {kept}{cont}"
+
+    def _pad_id(self) -> int:
+        tok = self.tok
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> CorpusResult:
+        """Reduce over ranks, write the outputs (rank 0) and drop the checkpoints."""
+        cfg, ctx, st = self.cfg, self.ctx, self.state
+        out = self.out
+        local_end = self._snapshot(*self.end) if out is not None and not ctx.active else None
+        stats = D.all_reduce_stats(ctx, self.stats)
+        examples = D.gather_examples(ctx, self.examples)
+        counts = D.all_reduce_counts(ctx, st.counts)
+        elapsed = D.all_reduce_max(ctx, st.elapsed + time.perf_counter() - self.t0)
+        n_records = self.n_records
+        if stats.tokens == 0:
+            raise InputError(f"no tokens to score: none of the {n_records} documents of the corpus has "
+                             + (f"{cfg.min_length} tokens (objective {cfg.objective_name!r} needs "
+                                f"{cfg.min_length})" if cfg.min_length > 1 else "a token"))
+        session_s = time.perf_counter() - self.t_start
+        sign = _obj.meaning(cfg.objective)
+        meta = {
+            "complete": True,
+            "model": {"name": _model_name(self.model),
+                      "type": getattr(getattr(self.model, "config", None), "model_type", None)},
+            "sae": _describe_sae(self.sae), "hook": self.scorer.point.name,
+            "hook_module": self.scorer.point.module_path,
+            "objective": cfg.objective_name, "sign": {"y": sign["y"], "positive": sign["positive"]},
+            "mode": cfg.mode, "tokens": stats.tokens,
+            "documents": counts["documents"], "records": n_records, "records_skipped": n_records - counts["documents"],
+            "sequences": counts["sequences"], "batches": counts["batches"],
+            "active_latents": int((stats.count > 0).sum()), "seconds": round(elapsed, 3),
+            "tokens_per_second": round(stats.tokens / elapsed, 2) if elapsed > 0 else None,
+            "world_size": ctx.world_size, "device": str(self.dev), "versions": _versions(),
+            "config": self.record,
+        }
+        if self.plot_skipped:
+            meta["skipped"] = {"report.png": self.plot_skipped}
+        if out is not None:
+            meta["files"] = [f for f in OUTPUT_FILES if f not in meta.get("skipped", {})]
+        if out is not None:
+            if ctx.is_main:
+                self._write(out, stats, examples, meta, local_end)
+            D.barrier(ctx)
+            if self.ck.path is not None and self.ck.path.is_file():
+                self.ck.path.unlink()
+            D.barrier(ctx)
+            if ctx.is_main:
+                resume.drop_leftovers(out)
+        if cfg.progress and ctx.is_main:
+            print(f"gradsae score: {stats.tokens:,} tokens from {counts['documents']:,} documents "
+                  f"({n_records - counts['documents']:,} skipped: empty or too short) in {elapsed:,.1f} s, "
+                  f"{stats.tokens / max(elapsed, 1e-9):,.0f} tok/s over {ctx.world_size} process(es); "
+                  f"{meta['active_latents']:,} of {self.sae.d_sae:,} latents active"
+                  + (f"; wrote {out}" if out is not None else "") + f" [{session_s:,.1f} s total]",
+                  file=sys.stderr)
+        return CorpusResult(stats, examples, meta, out)
+
+    def _write(self, out: Path, stats, examples, meta: dict, local_end: RunState | None) -> None:
+        """Write the outputs; if that fails, keep the work: a checkpoint at the end of the
+        corpus (single process) from which a resumed run only writes the outputs."""
+        guard = _SigintGuard()
+        with guard:
+            try:
+                write_outputs(out, stats, examples, meta, self.tok, plot=not self.plot_skipped)
+            except (OSError, KeyboardInterrupt) as e:
+                if local_end is not None:
+                    with contextlib.suppress(OSError), guard.hold():
+                        self._save(local_end)
+                if isinstance(e, KeyboardInterrupt):
+                    if self.ck.path is not None and self.ck.path.is_file():
+                        raise RunInterrupted(f"interrupted while writing the outputs; {self.ck.describe_kept()}: "
+                                             f"continue with {RESUME_HINT}", self.ck.path) from None
+                    raise
+                raise RunIOError(self._io_message(e, "writing the outputs")) from e
 
 
-__all__ = ["score_corpus", "CorpusResult"]
+__all__ = ["score_corpus", "run_corpus", "CorpusRun", "CorpusResult", "RunConfig"]

@@ -5,7 +5,9 @@
     sae.save(out_dir)                                  # SAELens layout
 
 One module per format: :mod:`.saelens`, :mod:`.sparsify`, :mod:`.gemmascope`,
-:mod:`.dictionary_learning`; :mod:`.readers` reads and validates the files for all of them.
+:mod:`.dictionary_learning`; :mod:`.readers` reads and validates the files for all of them;
+:mod:`.objects` wraps live SAEs of other libraries. Importing this package serves
+:meth:`gradsae.SAE.save` (SAELens layout) and :meth:`gradsae.SAE.from_object`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from typing import Any, Callable
 
 import torch
 
+from .. import sae as _sae
 from ..errors import InputError, SAEFormatError
 from ..sae import SAE
+from .objects import sae_from_object
 from .readers import list_dir, os_path, parse_dtype, read_json
+from .saelens import save_saelens
+
+_sae.provide("save", save_saelens)
+_sae.provide("from_object", sae_from_object)
 
 FORMATS = ("saelens", "sparsify", "gemmascope", "dictionary_learning")
 

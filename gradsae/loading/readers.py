@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import SAEFormatError
-from ..sae import SAE
+from ..sae import SAE, non_finite_count
 
 # dtype strings found in configs ("float32", "torch.bfloat16", ...)
 _DTYPES = {
@@ -32,9 +32,6 @@ _DTYPES = {
     "half": torch.float16,
     "bfloat16": torch.bfloat16,
 }
-
-# elements checked for finiteness at once (bounds the temporary boolean tensor)
-_FINITE_CHUNK = 1 << 24
 
 
 def parse_dtype(dtype: Any, *, where: str = "dtype") -> torch.dtype | None:
@@ -218,12 +215,9 @@ def check_finite(tensors: Mapping[str, torch.Tensor], file: Path) -> None:
     for name, t in tensors.items():
         if t is None or not t.is_floating_point():
             continue
-        flat = t.reshape(-1)
-        for i in range(0, flat.numel(), _FINITE_CHUNK):
-            part = flat[i : i + _FINITE_CHUNK]
-            if not bool(torch.isfinite(part).all()):
-                bad = int((~torch.isfinite(part)).sum())
-                raise fail(file, f"tensor {name!r} has non-finite values (NaN or inf; {bad} or more entries)")
+        bad = non_finite_count(t)
+        if bad:
+            raise fail(file, f"tensor {name!r} has non-finite values (NaN or inf; {bad} of {t.numel()} entries)")
 
 
 def build_sae(
@@ -270,11 +264,12 @@ def build_sae(
     if target != W_enc.dtype:
         # e.g. float32 weights beyond the float16 range
         for name, t in placed.items():
-            if not bool(torch.isfinite(t).all()):
+            if non_finite_count(t):
                 raise fail(file, f"tensor {name!r} overflows {target} (non-finite after conversion)")
+    # checked above, with the file's name in the message: the SAE need not check again
     return SAE(
         placed["W_enc"], placed["b_enc"], placed["W_dec"], placed["b_dec"],
-        threshold=placed.get("threshold", threshold), **kwargs,
+        threshold=placed.get("threshold", threshold), check_finite=False, **kwargs,
     )
 
 

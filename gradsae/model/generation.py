@@ -21,17 +21,23 @@ from ..errors import InputError
 from .results import PromptScores
 
 
+STOP_REASONS = ("length", "stop_token", "trigger")
+
+
 @dataclass
 class Generation:
     """``prompt_ids`` ``[T0]``, the generated ``token_ids`` ``[n]``, their ``text`` (with a
     tokenizer), and, when a trigger fired, the ``scores`` at that step and its index
-    ``trigger_step`` (the number of tokens generated before it)."""
+    ``trigger_step`` (the number of tokens generated before it). ``stop_reason`` says why
+    generation ended: ``"length"`` (``max_new_tokens`` reached), ``"stop_token"`` (an EOS /
+    stop id was generated, the last of ``token_ids``) or ``"trigger"`` (``stop_at_trigger``)."""
 
     prompt_ids: torch.Tensor
     token_ids: torch.Tensor
     text: str | None = None
     scores: PromptScores | None = None
     trigger_step: int | None = None
+    stop_reason: str = "length"
 
 
 def _matcher(trigger, tokenizer):
@@ -139,7 +145,7 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
     stop = set(default_stop_ids(scorer) if stop_ids is None else (int(s) for s in stop_ids))
     sp = scorer.splice
     if use_cache is None:
-        use_cache = not any(iv.positions == "last" for iv in sp.interventions)
+        use_cache = not sp.edits_last_position
     prompt_ids = _prompt_ids(scorer, prompt)
     ids = prompt_ids.unsqueeze(0)
     stop_when = match if (match is not None and stop_at_trigger) else None
@@ -149,6 +155,7 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
             gen = _hf_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when)
         else:
             gen = _loop_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when, progress)
+        reason = "stop_token" if gen.numel() and int(gen[-1]) in stop else "length"
         if match is not None:
             step_hit = next((i for i, t in enumerate(gen.tolist()) if match(t)), None)
             if step_hit is not None:
@@ -156,19 +163,31 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
                 scores = scorer.score(prefix, objective="predicted_prob", position=-1, reduce=reduce, sign=sign)
                 if stop_at_trigger:
                     gen = gen[:step_hit]
+                    reason = "trigger"
     gen = gen.cpu()
     text = tok.decode(gen.tolist(), skip_special_tokens=True) if tok is not None else None
-    return Generation(prompt_ids.cpu(), gen, text, scores, step_hit)
+    return Generation(prompt_ids.cpu(), gen, text, scores, step_hit, reason)
 
 
 def score_at_trigger(scorer, prompt, trigger="[", max_new_tokens: int = 50, **kw) -> Generation:
     """Generate greedily until the predicted token matches ``trigger`` and score there (the
-    paper's step). Raises :class:`InputError` when it never does within ``max_new_tokens``."""
+    paper's step). Raises :class:`InputError` when it never does, saying whether generation
+    stopped early at an end-of-sequence token or used all ``max_new_tokens``."""
     g = generate(scorer, prompt, max_new_tokens=max_new_tokens, trigger=trigger, stop_at_trigger=True, **kw)
     if g.scores is None:
+        n = len(g.token_ids)
+        if g.stop_reason == "stop_token":
+            stop = int(g.token_ids[-1])
+            name = f" {scorer.tokenizer.decode([stop])!r}" if scorer.tokenizer is not None else ""
+            early = "early " if n < max_new_tokens else ""
+            raise InputError(
+                f"the model never predicted a token matching the trigger {trigger!r}: generation stopped {early}at "
+                f"the end-of-sequence token{name} (id {stop}) after {n} generated tokens, out of "
+                f"max_new_tokens={max_new_tokens}; check that the prompt asks for the answer format"
+            )
         raise InputError(
-            f"the model never predicted a token matching the trigger {trigger!r} within "
-            f"{len(g.token_ids)} generated tokens (max_new_tokens={max_new_tokens}); "
-            "raise max_new_tokens or check the prompt asks for the answer format"
+            f"the model never predicted a token matching the trigger {trigger!r} in max_new_tokens="
+            f"{max_new_tokens} generated tokens; raise max_new_tokens or check that the prompt asks for the "
+            "answer format"
         )
     return g

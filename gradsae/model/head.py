@@ -3,7 +3,7 @@
 A transformers causal LM is a body (``model.base_model``: embeddings, blocks, final norm) and a
 linear head (``lm_head``, tied or not), sometimes followed by a logit soft-cap. GradSAE's
 objectives need the logits at one position per example (``predicted_prob``, ``logprob``,
-``logit_diff``) or a next-token loss over all of them (``loss``). Running the body and then
+``logit_diff``) or a next-token loss over all of them (``loss``, and ``loglik``, its negative). Running the body and then
 the head only where the objective looks saves the full logits tensor, its ``log_softmax`` copy
 and their gradients: for GPT-2 and 1024 tokens that is four ``1024 x 50257`` float32 tensors
 (~800 MB) and most of the time spent outside the matrix products.
@@ -12,7 +12,8 @@ and their gradients: for GPT-2 and 1024 tokens that is four ``1024 x 50257`` flo
   (listed architectures, the transformers class itself, no hooks on the head), else None: the
   caller then uses the model's own logits.
 - :func:`chunked_nll` is the weighted next-token NLL over selected positions, computed a chunk of
-  positions at a time; the gradient with respect to the hidden states is formed in the same
+  positions at a time (negative weights give the log-likelihood: ``loglik`` is the ``loss``
+  with weights ``-1/n``); the gradient with respect to the hidden states is formed in the same
   pass (``(softmax - onehot) @ W``), so at most one chunk of logits exists at any moment and
   the backward is a scaling.
 """
@@ -119,5 +120,6 @@ class _ChunkedNLL(torch.autograd.Function):
 def chunked_nll(head: Head, h: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor,
                 n_out: int) -> torch.Tensor:
     """``y[b] = sum_{i: rows[i] = b} weights[i] * NLL(softcap(h[i] @ W.T + bias), targets[i])``,
-    ``[n_out]``, differentiable with respect to ``h`` ``[N, d]`` (not the head's parameters)."""
+    ``[n_out]``, differentiable with respect to ``h`` ``[N, d]`` (not the head's parameters).
+    Weights may be negative (``-1/n`` gives the mean log-likelihood)."""
     return _ChunkedNLL.apply(h, head, targets, weights, rows, n_out)

@@ -20,11 +20,12 @@ hook's output by ``row_scale * dz_j * col_scale_j * W_dec[j]``; ``add`` moves it
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import GradSAEWarning, InputError
 
 POSITIONS = ("all", "last")
 
@@ -98,11 +99,26 @@ def donor_values(scores, latents, how: str = "last") -> dict[int, float]:
     """``{latent: value}`` to inject a donor's ``latents``, from the donor's
     :class:`~gradsae.model.results.PromptScores`: its activation at the last position
     (``"last"``), its mean activation (``"mean"``), or its GradSAE score (``"score"``: what the
-    released code stores and injects)."""
+    released code stores and injects).
+
+    With ``"last"``, a latent that is not active at the donor's last position has no value to
+    give (setting it would zero it in the edited prompt instead): it is left out, and a
+    :class:`~gradsae.errors.GradSAEWarning` names the latents left out."""
     src = {"last": scores.last_acts, "mean": scores.mean_acts, "score": scores.scores}.get(how)
     if src is None:
         raise InputError(f"donor values must be one of {DONOR_VALUES}, got {how!r}")
-    return {int(j): float(src[j]) for j in latents}
+    out = {int(j): float(src[j]) for j in latents}
+    if how == "last":
+        inactive = [j for j, v in out.items() if v == 0]
+        if inactive:
+            warnings.warn(
+                f"donor latents {inactive} are not active at the donor's last position (activation 0 there): "
+                "left out of the injection rather than set to 0 (values='mean' or 'score' give them a value)",
+                GradSAEWarning,
+                stacklevel=3,
+            )
+            out = {j: v for j, v in out.items() if v != 0}
+    return out
 
 
 def perturbation(scores, K, which: str = "top", positions: str = "all", strict: bool = False) -> dict:
@@ -116,8 +132,10 @@ def perturbation(scores, K, which: str = "top", positions: str = "all", strict: 
 
 def steering(own, donor, K, values: str = "last", positions: str = "last", strict: bool = False) -> dict:
     """The paper's local steering as :meth:`GradSAE.intervene` arguments: zero ``own``'s Top-K
-    and set ``donor``'s Top-K to the donor's ``values`` (see :func:`donor_values`), at the
-    ``"last"`` position (the released code) or ``"all"`` positions (the paper's text)."""
+    and set ``donor``'s Top-K to the donor's ``values`` (see :func:`donor_values`; with
+    ``"last"``, donor latents inactive at the donor's last position are left out with a
+    warning), at the ``"last"`` position (the released code) or ``"all"`` positions (the
+    paper's text)."""
     give = donor.top(K, strict).tolist()
     return {"zero": own.top(K, strict).tolist(), "set": donor_values(donor, give, values),
             "positions": positions}

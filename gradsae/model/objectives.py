@@ -7,9 +7,14 @@ tokens: ``position=-1`` is its last real token, ``0`` its first, whichever side 
 
 - ``predicted_prob``: softmax probability of the argmax next token at ``position`` (the paper);
 - ``logprob``: log-probability of ``target`` (a token id, or one per example) at ``position``;
+- ``loglik``: mean log-probability of each actual next token over the example's real tokens
+  (``-loss``; the corpus default: a positive influence helps the model predict the text);
 - ``loss``: mean next-token NLL over the example's real tokens;
 - ``logit_diff``: ``logit[a] - logit[b]`` at ``position``;
 - any callable ``fn(logits, input_ids, mask) -> [B]`` (or a scalar).
+
+The sign of an influence ``z * dY/dz`` follows Y: positive means the latent pushes Y up.
+:data:`MEANING` says in words what Y is and what a positive influence means for each name.
 """
 
 from __future__ import annotations
@@ -18,7 +23,34 @@ import torch
 
 from ..errors import InputError
 
-NAMES = ("predicted_prob", "logprob", "loss", "logit_diff")
+NAMES = ("predicted_prob", "logprob", "loglik", "loss", "logit_diff")
+# Objectives over every next-token prediction of a sequence (they need 2 real tokens).
+SEQUENCE_OBJECTIVES = ("loglik", "loss")
+
+# name -> (what Y is, what a positive influence on it means), for meta.json, reports and help.
+MEANING = {
+    "loglik": ("the mean log-probability of each actual next token",
+               "the latent helps the model predict the next token"),
+    "loss": ("the mean next-token cross-entropy loss",
+             "the latent raises the loss: it hurts the prediction of the next token"),
+    "predicted_prob": ("the probability of the model's own (argmax) next token at the position",
+                       "the latent makes the model's prediction more likely"),
+    "logprob": ("the log-probability of the target token at the position",
+                "the latent makes the target token more likely"),
+    "logit_diff": ("logit[a] - logit[b] at the position",
+                   "the latent favours token a over token b"),
+}
+
+
+def meaning(objective) -> dict:
+    """``{"objective", "y", "positive"}``: the objective's name and, in words, what Y is and
+    what a positive influence means (a callable: its qualified name, sign as Y's)."""
+    if isinstance(objective, str) and objective in MEANING:
+        y, pos = MEANING[objective]
+        return {"objective": objective, "y": y, "positive": pos}
+    name = objective if isinstance(objective, str) else (
+        f"{getattr(objective, '__module__', '')}.{getattr(objective, '__qualname__', type(objective).__name__)}")
+    return {"objective": name, "y": f"the value of {name}", "positive": "the latent raises Y"}
 
 
 def bounds(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,30 +113,32 @@ def evaluate(objective, logits, input_ids, mask, position: int = -1, **kw) -> to
         b = _token_ids("b", kw.get("b"), B, logits.device)
         lg = _at(logits, mask, position)
         return lg.gather(-1, a[:, None]).squeeze(-1) - lg.gather(-1, b[:, None]).squeeze(-1)
-    if objective == "loss":
+    if objective in SEQUENCE_OBJECTIVES:
         lp = logits[:, :-1].log_softmax(-1)
         nll = -lp.gather(-1, input_ids[:, 1:, None].to(lp.device)).squeeze(-1)
-        valid, n = _loss_positions(mask)
-        return (nll * valid.to(nll.dtype)).sum(-1) / n.to(nll.dtype)
+        valid, n = _loss_positions(mask, objective)
+        loss = (nll * valid.to(nll.dtype)).sum(-1) / n.to(nll.dtype)
+        return loss if objective == "loss" else -loss
     raise InputError(f"unknown objective {objective!r}; expected one of {NAMES} or a callable")
 
 
-_ARGUMENTS = {"predicted_prob": (), "loss": (), "logprob": ("target",), "logit_diff": ("a", "b")}
+# the token arguments each named objective takes (besides ``position``)
+ARGUMENTS = {"predicted_prob": (), "loss": (), "loglik": (), "logprob": ("target",), "logit_diff": ("a", "b")}
 
 
 def _check_arguments(objective, kw) -> None:
-    if objective in _ARGUMENTS:
-        extra = sorted(set(kw) - set(_ARGUMENTS[objective]))
+    if objective in ARGUMENTS:
+        extra = sorted(set(kw) - set(ARGUMENTS[objective]))
         if extra:
             raise InputError(f"objective {objective!r} takes no argument(s) {extra}")
 
 
-def _loss_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_positions(mask: torch.Tensor, objective: str = "loss") -> tuple[torch.Tensor, torch.Tensor]:
     """``valid [B, T-1]`` (position t predicts real token t+1) and its count per example."""
     valid = mask[:, :-1] & mask[:, 1:]
     n = valid.sum(-1)
     if bool((n == 0).any()):
-        raise InputError("objective 'loss' needs at least 2 real tokens per example")
+        raise InputError(f"objective {objective!r} needs at least 2 real tokens per example")
     return valid, n
 
 
@@ -112,19 +146,22 @@ def evaluate_hidden(objective, head, hidden, input_ids, mask, position: int = -1
     """The named ``objective`` ``[B]`` from the final hidden states ``[B, T, d]`` and the model's
     :class:`~gradsae.model.head.Head`, equal to :func:`evaluate` on the model's logits without
     forming them: the position objectives apply the head at one position per example; ``loss``
-    is :func:`~gradsae.model.head.chunked_nll` over the predicting positions only."""
+    and ``loglik`` are :func:`~gradsae.model.head.chunked_nll` over the predicting positions
+    only (``loglik`` with the weights negated)."""
     from .head import chunked_nll
 
     if objective not in NAMES:
         raise InputError(f"unknown objective {objective!r}; expected one of {NAMES} or a callable")
     _check_arguments(objective, kw)
     B = hidden.shape[0]
-    if objective == "loss":
-        valid, n = _loss_positions(mask.to(hidden.device))
+    if objective in SEQUENCE_OBJECTIVES:
+        valid, n = _loss_positions(mask.to(hidden.device), objective)
         rows, cols = valid.nonzero(as_tuple=True)
         targets = input_ids.to(hidden.device)[rows, cols + 1]
         acc = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
         weights = 1.0 / n.to(acc)[rows]
+        if objective == "loglik":  # sum of w * log p = -(sum of w * NLL)
+            weights = -weights
         return chunked_nll(head, hidden[rows, cols], targets, weights, rows, B)
     pos = position_index(mask, position).to(hidden.device)
     h = hidden[torch.arange(B, device=hidden.device), pos].unsqueeze(1)  # [B, 1, d]

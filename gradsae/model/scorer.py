@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
-from ..influence import Influence
+from ..op import Influence, as_sae
 from . import objectives as _obj
 from .head import split_head
 from .hooks import resolve_hook
 from .interventions import Intervention
 from .results import PromptScores, ScoreResult
-from .splice import MODES, Recorder, Splice
+from .splice import MODES, Splice
+from .transformer_lens import adapt_model
 
 REDUCES = ("mean", "sum", "last")
 SIGNS = ("relu", "signed", "abs")
@@ -65,7 +66,8 @@ class GradSAE:
         mode: ``"splice"`` (the model runs on the reconstruction, the paper) or ``"error"``
             (the reconstruction error is added back: the forward is the model's own).
         tokenizer: needed to score text; pads as configured (left or right).
-        backend: influence backend for the encode and the gather-dot.
+        backend: influence backend for the encode, the sparse decode and the gather-dot
+            (see :func:`gradsae.available_backends`).
 
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
     parameters never receive gradients, and backward stops at the hook.
@@ -73,10 +75,7 @@ class GradSAE:
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
                  backend: str = "auto"):
-        from ..influence import _as_sae
-        from .transformer_lens import adapt_model
-
-        sae = _as_sae(sae)
+        sae = as_sae(sae)
         model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -178,31 +177,26 @@ class GradSAE:
         own forward instead and returns its logits in :attr:`Attribution.logits`.
         """
         ids, mask = self.encode_batch(input_ids, attention_mask)
-        rec = Recorder(anchor=torch.zeros((), device=self.device, requires_grad=True))
-        sp = self.splice
-        sp.recorder, sp.last_index, sp.mask = rec, _obj.bounds(mask)[1], mask
-        try:
-            with self._frozen(), sp, torch.enable_grad():
-                head = None if keep_logits or callable(objective) else split_head(self.model)
-                if head is not None:
-                    logits = None
-                    hidden = self.forward(ids, mask, module=head.body, use_cache=False).last_hidden_state
-                    y = _obj.evaluate_hidden(objective, head, hidden, ids, mask, position, **objective_kwargs)
-                else:
-                    logits = self.forward(ids, mask, use_cache=False).logits
-                    y = _obj.evaluate(objective, logits, ids, mask, position, **objective_kwargs)
-                if not y.requires_grad:
-                    raise InputError("the objective does not depend on the hook's output")
-                y.sum().backward()
-        finally:
-            sp.recorder, sp.last_index, sp.mask = None, None, None
-        done = [e for e in rec.entries if e.influence is not None]
+        recording = self.splice.recording(mask=mask, last_index=_obj.bounds(mask)[1], device=self.device)
+        with self._frozen(), recording as rec, torch.enable_grad():
+            head = None if keep_logits or callable(objective) else split_head(self.model)
+            if head is not None:
+                logits = None
+                hidden = self.forward(ids, mask, module=head.body, use_cache=False).last_hidden_state
+                y = _obj.evaluate_hidden(objective, head, hidden, ids, mask, position, **objective_kwargs)
+            else:
+                logits = self.forward(ids, mask, use_cache=False).logits
+                y = _obj.evaluate(objective, logits, ids, mask, position, **objective_kwargs)
+            if not y.requires_grad:
+                raise InputError("the objective does not depend on the hook's output")
+            y.sum().backward()
+        done = rec.influences
         if len(rec.entries) != 1 or len(done) != 1:
             raise InputError(
                 f"the hook {self.point.name!r} ran {len(rec.entries)} times in one forward; "
                 "expected exactly once"
             )
-        inf = done[0].influence
+        inf = done[0]
         keep = mask.unsqueeze(-1) & (inf.indices >= 0)
         z = lambda t: torch.where(keep, t, torch.zeros_like(t))
         inf = Influence(torch.where(keep, inf.indices, torch.full_like(inf.indices, -1)),
@@ -273,14 +267,8 @@ class GradSAE:
         ``"last"``. Nested blocks combine."""
         zero = [int(j) for j in (zero.tolist() if isinstance(zero, torch.Tensor) else zero)]
         iv = Intervention(zero, dict(set or {}), dict(add or {}), positions).validate(self.sae.d_sae)
-        sp = self.splice
-        sp.interventions.append(iv)
-        sp.attach()
-        try:
+        with self.splice.editing(iv):
             yield iv
-        finally:
-            sp.detach()
-            sp.interventions.remove(iv)
 
     @contextmanager
     def spliced(self):

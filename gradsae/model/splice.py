@@ -16,16 +16,24 @@ that requires grad, so the graph starts at the hook. In error mode the same hold
 ``W_dec[j] . D`` as in splice mode.
 
 Interventions (:mod:`gradsae.model.interventions`) edit the active set before decoding.
+
+The splice's ``backend`` serves all three steps: the encode, the gather-dot of the backward,
+and the sparse decode (a backend without a sparse-decode kernel decodes in PyTorch). Callers
+drive a splice through its context managers: ``with splice:`` (attached), ``with
+splice.recording(...) as rec:`` (attached, forwards recorded for attribution) and ``with
+splice.editing(iv):`` (attached, with an intervention).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 
 from ..errors import InputError
-from ..influence import Influence, encode_sparse, influence_at
+from ..op import Influence, decode_sparse, encode_sparse, influence_at
 
 MODES = ("splice", "error")
 
@@ -46,13 +54,18 @@ class Recorder:
     anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     entries: list = field(default_factory=list)
 
+    @property
+    def influences(self) -> list[Influence]:
+        """The :class:`Influence` of every recorded forward that has been through backward."""
+        return [e.influence for e in self.entries if e.influence is not None]
+
 
 class _SpliceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, h, splice):
         out, idx, acts, hd = splice._compute(h, clone=True)
         entry = _Entry(idx, acts, hd)
-        splice.recorder.entries.append(entry)
+        splice._recorder.entries.append(entry)
         ctx.entry = entry
         ctx.splice = splice
         return out
@@ -68,16 +81,7 @@ class _SpliceFn(torch.autograd.Function):
 def delta_decode(sae, idx: torch.Tensor, dvals: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
     """``row_scale * sum_s dvals[s] * col_scale[idx[s]] * W_dec[idx[s]]``: the change of the
     decode when the latents ``idx`` change by ``dvals`` (decode is affine in z). ``[..., d_in]``."""
-    valid = idx >= 0
-    safe = idx.clamp(min=0)
-    vals = dvals.to(sae.dtype) * valid
-    cs = sae.col_scale()
-    if cs is not None:
-        vals = vals * cs.to(vals.dtype)[safe]
-    K = idx.shape[-1]
-    out = torch.nn.functional.embedding_bag(
-        safe.reshape(-1, K), sae.W_dec, per_sample_weights=vals.reshape(-1, K), mode="sum"
-    ).reshape(*idx.shape[:-1], sae.d_in)
+    out = sae.linear_decode_sparse(idx, dvals)
     rs = sae.norm_state(x).row_scale if sae.normalize_activations != "none" else None
     if rs is not None:
         out = out * rs.unsqueeze(-1).to(out.dtype)
@@ -96,14 +100,13 @@ def _encode_rows(x: torch.Tensor, keep: torch.Tensor, sae, backend: str):
 
 
 class Splice:
-    """The SAE at a hook point. Callable on the hook's tensor; install with :meth:`attach`.
+    """The SAE at a hook point. Callable on the hook's tensor; attached to the model while one
+    of its context managers runs (``with splice:``, :meth:`recording`, :meth:`editing`; they
+    nest).
 
-    ``recorder`` (set while attributing, with grad enabled) routes the forward through the
-    autograd function; otherwise the splice runs as a plain no-grad computation.
-    ``interventions`` (a list) edit the active set; ``last_index`` (``[B]`` or None = T-1) tells
-    interventions limited to the last position where that is per row; ``mask`` (``[B, T]`` bool
-    or None) marks real tokens: pad positions are zeroed before encoding (they never count, and
-    some attention implementations leave non-finite values there).
+    Outside :meth:`recording` (or with grad disabled) the splice runs as a plain no-grad
+    computation. Pad positions (``mask`` of :meth:`recording`) are zeroed before encoding:
+    they never count, and some attention implementations leave non-finite values there.
     """
 
     def __init__(self, point, sae, mode: str = "splice", backend: str = "auto"):
@@ -113,10 +116,10 @@ class Splice:
         self.sae = sae
         self.mode = mode
         self.backend = backend
-        self.recorder: Recorder | None = None
-        self.interventions: list = []
-        self.last_index: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None
+        self._recorder: Recorder | None = None
+        self._interventions: list = []
+        self._last_index: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._handle = None
         self._depth = 0
 
@@ -139,6 +142,49 @@ class Splice:
     def __exit__(self, *exc):
         self.detach()
 
+    @contextmanager
+    def recording(self, mask: torch.Tensor | None = None, last_index: torch.Tensor | None = None,
+                  device=None) -> Iterator[Recorder]:
+        """Attach the splice and record every forward through it (with grad enabled) for
+        attribution: the yielded :class:`Recorder` collects each forward's active set and,
+        after backward, its :class:`Influence`.
+
+        ``mask`` (``[B, T]`` bool or None) marks the real tokens of the batch; ``last_index``
+        (``[B]`` or None = T-1) the last real position of each row, where interventions limited
+        to the last position apply; ``device`` that of the anchor (the model's)."""
+        rec = Recorder(anchor=torch.zeros((), device=device, requires_grad=True))
+        saved = (self._recorder, self._mask, self._last_index)
+        self._recorder, self._mask, self._last_index = rec, mask, last_index
+        self.attach()
+        try:
+            yield rec
+        finally:
+            self.detach()
+            self._recorder, self._mask, self._last_index = saved
+
+    @contextmanager
+    def editing(self, intervention) -> Iterator:
+        """Attach the splice with ``intervention`` (an
+        :class:`~gradsae.model.interventions.Intervention`) editing the active set of every
+        forward until the block ends; blocks nest and their edits combine."""
+        self._interventions.append(intervention)
+        self.attach()
+        try:
+            yield intervention
+        finally:
+            self.detach()
+            self._interventions.remove(intervention)
+
+    @property
+    def interventions(self) -> list:
+        """The interventions in force, outermost first (a copy: edit through :meth:`editing`)."""
+        return list(self._interventions)
+
+    @property
+    def edits_last_position(self) -> bool:
+        """An active intervention edits only the last position of each forward."""
+        return any(iv.positions == "last" for iv in self._interventions)
+
     # -- the computation
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if h.dim() >= 4 and h.shape[-1] != self.sae.d_in and h.shape[-2] * h.shape[-1] == self.sae.d_in:
@@ -152,9 +198,9 @@ class Splice:
             )
         if h.device != self.sae.device:  # e.g. a model spread over devices: follow the hook
             self.sae = self.sae.to(device=h.device)
-        if self.recorder is not None and torch.is_grad_enabled():
-            return _SpliceFn.apply(self.recorder.anchor, h, self)
-        if self.mode == "error" and not self.interventions:
+        if self._recorder is not None and torch.is_grad_enabled():
+            return _SpliceFn.apply(self._recorder.anchor, h, self)
+        if self.mode == "error" and not self._interventions:
             return h
         with torch.no_grad():
             return self._compute(h, clone=False)[0]
@@ -162,7 +208,7 @@ class Splice:
     def _positions(self, shape) -> torch.Tensor | None:
         """Boolean ``[B, T]`` of the last position of each row (for position-limited edits)."""
         B, T = shape[0], shape[1]
-        last = self.last_index
+        last = self._last_index
         if last is None or last.shape[0] != B:
             last = torch.full((B,), T - 1, dtype=torch.long)
         last = last.to(self.sae.device).clamp(max=T - 1)
@@ -171,20 +217,21 @@ class Splice:
     def _compute(self, h: torch.Tensor, clone: bool):
         sae = self.sae
         hd = h.detach()
-        if self.mask is not None and tuple(self.mask.shape) == tuple(hd.shape[:2]) and not bool(self.mask.all()):
-            keep = self.mask.to(hd.device)
+        mask = self._mask
+        if mask is not None and tuple(mask.shape) == tuple(hd.shape[:2]) and not bool(mask.all()):
+            keep = mask.to(hd.device)
             hd = torch.where(keep.unsqueeze(-1), hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
             idx, acts = _encode_rows(hd, keep, sae, self.backend)  # pads: no latents
         else:
             idx, acts = encode_sparse(hd, sae, backend=self.backend)
         new_acts = acts
-        extra = torch.zeros_like(hd, dtype=sae.dtype) if self.interventions else None
-        for iv in self.interventions:
+        extra = torch.zeros_like(hd, dtype=sae.dtype) if self._interventions else None
+        for iv in self._interventions:
             pos = None if iv.positions == "all" else self._positions(hd.shape)
             new_acts, d = iv.apply(sae, idx, new_acts, hd, pos)
             extra = extra + d
         if self.mode == "splice":
-            out = sae.decode_sparse(idx, new_acts, x=hd)
+            out = decode_sparse(sae, idx, new_acts, x=hd, backend=self.backend, strict=False)
         else:
             out = hd.to(sae.dtype) if (clone or extra is not None) else hd
             if new_acts is not acts:
