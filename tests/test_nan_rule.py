@@ -69,3 +69,36 @@ def test_nan_pre_activations_are_never_selected(backend, strategy, activation, r
     if activation == "topk":
         assert out.K == sae.k and bool((out.indices >= 0).sum(-1).eq(
             (want["z"] > 0).sum(-1).to(out.indices.device)).all())
+
+
+@pytest.mark.parametrize("activation,rescale", [("topk", False), ("topk", True), ("jumprelu", False), ("relu", True)])
+def test_dense_encode_follows_the_nan_rule(activation, rescale):
+    """SAE.encode / SAE.activate (the dense reference semantics) follow the same rule: a NaN
+    pre-activation gives a 0 latent and never takes a top-k slot; the result is what the
+    SAE with -inf there gives, and the float64 oracle of that SAE."""
+    sae, ref, nan_cols = _nan_sae(activation, k=6, rescale=rescale)
+    x, _ = random_inputs((31,), sae.d_in, DEV)
+    z = sae.encode(x)
+    assert bool(torch.isfinite(z).all()), "NaN leaked into the dense latents"
+    assert bool((z[:, nan_cols] == 0).all())
+    torch.testing.assert_close(z, ref.encode(x), rtol=0, atol=0)
+    want = dense_oracle(ref, x, torch.zeros_like(x))["z"]
+    torch.testing.assert_close(z.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    if activation == "topk":  # every row keeps its k largest real values
+        assert bool(((z != 0).sum(-1) == (want != 0).sum(-1).to(z.device)).all())
+
+
+def test_activate_on_nan_and_infinite_values():
+    """activate() alone: NaN and -inf are inactive, +inf is the largest value; a row with
+    fewer real values than k fills the rest with zeros, not NaN."""
+    d_sae = 8
+    v = torch.tensor([[float("nan"), 1.0, float("-inf"), 3.0, float("nan"), 2.0, float("inf"), -1.0],
+                      [float("nan")] * 7 + [0.5]])
+    topk = random_sae(4, d_sae, "topk", k=3)
+    z = topk.activate(v)
+    assert torch.equal(z[0], torch.tensor([0, 0, 0, 3.0, 0, 2.0, float("inf"), 0]))
+    assert torch.equal(z[1], torch.tensor([0.0] * 7 + [0.5]))
+    relu = random_sae(4, d_sae, "relu")
+    z = relu.activate(v)
+    assert torch.equal(z[0], torch.tensor([0, 1.0, 0, 3.0, 0, 2.0, float("inf"), 0]))
+    assert torch.equal(z[1], torch.tensor([0.0] * 7 + [0.5]))
