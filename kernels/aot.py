@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of the Triton kernels for a GPU that is not here (sm_90, Hopper),
 and the ptxas resource report of each: registers, spills, stack frame, shared memory.
 
-    from gradsae.kernels import aot
-    for spec in aot.default_specs():
-        rec = aot.compile_spec(spec)      # {"registers": .., "spill_stores": .., "shared": .., ...}
+    from gradsae.kernels import aot, stream_select
+    cfg = stream_select.stream_config(64, 8192, 16384, gpu=True)
+    spec = stream_select.aot_spec_topk(cfg, 64, "*bf16")   # each kernel module describes its own
+    rec = aot.compile_spec(spec)      # {"registers": .., "spill_stores": .., "shared": .., ...}
 
 Triton compiles to PTX for the target without a driver; the PTX goes through the ``ptxas``
 Triton ships (``-v``) for the register and spill figures, and the shared memory comes from the
@@ -11,8 +12,10 @@ compiled kernel's metadata. Arguments are specialised the way Triton's launcher 
 them at the target shape (T=8192, d_in=2304, d_sae=131072, k=64: pointers 16-byte aligned,
 the integers named in each spec divisible by 16), so the code is the one the GPU would run.
 
-``default_specs`` lists the configurations a GPU run uses by default: every fixed launch
-configuration, and the autotune candidates kept under ``GRADSAE_AUTOTUNE=small``.
+This module imports no kernel module (they import :class:`Spec` from it);
+``scripts/ptxas_report.py`` lists the configurations (``--defaults``: the ones a GPU run uses
+by default, every fixed launch configuration and the autotune candidates kept under
+``GRADSAE_AUTOTUNE=small``).
 """
 
 from __future__ import annotations
@@ -112,28 +115,3 @@ def problems(rec: dict) -> list[str]:
 
 def _ptr(dtype: str) -> str:
     return "*" + {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[dtype]
-
-
-def default_specs(dtypes=("bfloat16",), kps=(64,)) -> list[Spec]:
-    """Every default configuration of the kernels a GPU run uses (see the module docstring)."""
-    import importlib
-
-    from . import encode_select, stream_select, tuning
-
-    # (the package exports a function of this module's name)
-    gather_dot = importlib.import_module(__package__ + ".gather_dot")
-
-    specs = []
-    for dtype in dtypes:
-        p = _ptr(dtype)
-        for kp in kps:
-            for cfg in tuning.default_encode_configs("topk", kp, dtype):
-                specs.append(encode_select.aot_spec_topk(cfg, kp, p))
-            cfg = stream_select.stream_config(kp, 8192, 16384, gpu=True)
-            specs.append(stream_select.aot_spec_topk(cfg, kp, p))
-        for cfg in tuning.default_encode_configs("threshold", 1, dtype):
-            specs.append(encode_select.aot_spec_threshold(cfg, p))
-        cfg = stream_select.stream_config(1, 8192, 16384, gpu=True)
-        specs.append(stream_select.aot_spec_threshold(cfg, p))
-        specs.append(gather_dot.aot_spec(p))
-    return specs

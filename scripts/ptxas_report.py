@@ -45,6 +45,25 @@ def all_specs(kps, dtypes) -> list:
     return specs
 
 
+def default_specs(dtypes=("bfloat16",), kps=(64,)) -> list:
+    """Every default configuration of the kernels a GPU run uses: the fixed launch
+    configurations and the autotune candidates kept under GRADSAE_AUTOTUNE=small."""
+    specs = []
+    for dtype in dtypes:
+        p = aot._ptr(dtype)
+        for kp in kps:
+            for cfg in tuning.default_encode_configs("topk", kp, dtype):
+                specs.append(encode_select.aot_spec_topk(cfg, kp, p))
+            cfg = stream_select.stream_config(kp, 8192, 16384, gpu=True)
+            specs.append(stream_select.aot_spec_topk(cfg, kp, p))
+        for cfg in tuning.default_encode_configs("threshold", 1, dtype):
+            specs.append(encode_select.aot_spec_threshold(cfg, p))
+        cfg = stream_select.stream_config(1, 8192, 16384, gpu=True)
+        specs.append(stream_select.aot_spec_threshold(cfg, p))
+        specs.append(gather_dot.aot_spec(p))
+    return specs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kp", type=int, nargs="+", default=[64])
@@ -53,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: print only)")
     ap.add_argument("--before", default=None, help="a JSON of an earlier run to keep beside these records")
     args = ap.parse_args(argv)
-    specs = aot.default_specs(tuple(args.dtype), tuple(args.kp)) if args.defaults else all_specs(args.kp, args.dtype)
+    specs = default_specs(tuple(args.dtype), tuple(args.kp)) if args.defaults else all_specs(args.kp, args.dtype)
     records = []
     t0 = time.perf_counter()
     for spec in specs:
