@@ -1,6 +1,6 @@
 """Streaming selection: fold one chunk of pre-activations into a running per-row selection.
 
-The chunked strategy (:mod:`gradsae.chunked`) lets the vendor GEMM write the encode of one
+The chunked strategy (:mod:`gradsae.backends.chunked`) lets the vendor GEMM write the encode of one
 chunk of latents, ``P = a @ W_enc[:, c0:c0+C]`` (``[T, C]``, fp32 or the inputs' 16-bit
 type), and folds it here, in one read of the chunk, into
 

@@ -17,57 +17,12 @@ import numpy as np
 import pytest
 import torch
 from oracle import assert_matches_oracle, dense_oracle, max_errors, random_inputs, random_sae, selection_tol
-from test_cuda_orchestration import _floats, _view
+from test_cuda_orchestration import FakeStream, _keys
 
-from gradsae import chunked
+from gradsae.backends import chunked
 from gradsae.backends import cuda_stream
 from gradsae.backends.reference import gather_dot
 from gradsae.op import Influence
-
-
-def _keys(v: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """The extension's keys: order-preserving float bits high, ~index low."""
-    u = v.astype(np.float32).view(np.uint32).astype(np.uint64)
-    o = np.where(u & 0x80000000, (~u) & 0xFFFFFFFF, u | 0x80000000)
-    return ((o << np.uint64(32)) | ((~j.astype(np.uint64)) & 0xFFFFFFFF)).astype(np.uint64)
-
-
-class FakeStream:
-    MAX_K = 256
-    topk_pad = staticmethod(lambda k: max(32, 1 << (k - 1).bit_length()))
-
-    def __init__(self):
-        self.calls = []
-
-    def _values(self, p, p_stride, dtype, n, ncols, c0, bias, scale):
-        v = _floats(p, dtype, (n, ncols), (p_stride, 1)).astype(np.float32)
-        if bias:
-            v = v + _view(bias, np.float32, (c0 + ncols,))[c0:]
-        if scale:
-            v = v * _view(scale, np.float32, (c0 + ncols,))[c0:]
-        return v.astype(np.float32)
-
-    def stream_topk(self, *, device, stream, p, p_stride, dtype, n, ncols, c0, bias, scale, k, kp, best, vec):
-        self.calls.append(("topk", dtype, c0, ncols, p_stride, vec))
-        v = self._values(p, p_stride, dtype, n, ncols, c0, bias, scale)
-        B = _view(best, np.uint64, (n, kp))
-        for r in range(n):
-            old = [int(x) for x in B[r] if x != 0]
-            new = [int(x) for x in _keys(v[r], np.arange(c0, c0 + ncols))[v[r] > 0]]
-            top = sorted(old + new, reverse=True)[:kp]
-            B[r] = np.array(top + [0] * (kp - len(top)), dtype=np.uint64)
-
-    def stream_threshold(self, *, device, stream, p, p_stride, dtype, n, ncols, c0, bias, scale, thr, cap, idx, val,
-                         counts, vec):
-        self.calls.append(("threshold", dtype, c0, ncols, p_stride, vec))
-        v = self._values(p, p_stride, dtype, n, ncols, c0, bias, scale)
-        t = _view(thr, np.float32, (c0 + ncols,))[c0:]
-        I, V, C = _view(idx, np.int64, (n, cap)), _view(val, np.float32, (n, cap)), _view(counts, np.int32, (n,))
-        for r in range(n):
-            for j in np.flatnonzero(v[r] > t):
-                if C[r] < cap:
-                    I[r, C[r]], V[r, C[r]] = c0 + j, v[r, j]
-                C[r] += 1
 
 
 @pytest.fixture

@@ -35,31 +35,28 @@ def _backends():
     try:
         import triton  # noqa: F401
 
-        out += [pytest.param("triton", None), pytest.param("triton", "chunked")]
+        out += [pytest.param("triton", "fused"), pytest.param("triton", "chunked")]
     except ImportError:
         pass
     gpu = pytest.mark.gpu  # the CUDA extension's kernels (their logic is host-tested here)
-    out += [pytest.param("cuda", None, marks=gpu), pytest.param("cuda", "chunked", marks=gpu)]
+    out += [pytest.param("cuda", "chunked", marks=gpu), pytest.param("cuda", "fused", marks=gpu)]
     return out
 
 
-def _run(sae, x, g, backend, strategy):
-    if strategy != "chunked":
-        return gradsae.influence(x, g, sae, backend=backend, check_finite=False)
-    from test_triton_stream import chunked_influence
-
-    kernels = None
-    if backend == "cuda":
-        from gradsae.backends import cuda_stream as kernels
-    return chunked_influence(sae, x, g, budget=x.shape[0] * 256 * 4, kernels=kernels)
+def _run(sae, x, g, backend, strategy, monkeypatch):
+    """Through the op, with the encode strategy forced and several chunks of latents."""
+    if strategy is not None:
+        monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
+        monkeypatch.setenv("GRADSAE_CHUNK_BYTES", str(x.shape[0] * 256 * 4))
+    return gradsae.influence(x, g, sae, backend=backend, check_finite=False)
 
 
 @pytest.mark.parametrize("backend,strategy", _backends())
 @pytest.mark.parametrize("activation,rescale", [("topk", False), ("topk", True), ("jumprelu", False), ("relu", True)])
-def test_nan_pre_activations_are_never_selected(backend, strategy, activation, rescale):
+def test_nan_pre_activations_are_never_selected(monkeypatch, backend, strategy, activation, rescale):
     sae, ref, nan_cols = _nan_sae(activation, rescale=rescale)
     x, g = random_inputs((23,), sae.d_in, DEV)
-    out = _run(sae, x, g, backend, strategy)
+    out = _run(sae, x, g, backend, strategy, monkeypatch)
     assert not bool(torch.isin(out.indices, nan_cols).any()), "a NaN latent was selected"
     assert bool(torch.isfinite(out.acts).all() and torch.isfinite(out.scores).all())
     # exactly what the same SAE selects when those latents' values are -inf

@@ -8,7 +8,7 @@ import torch
 from oracle import assert_matches_oracle, dense_oracle, max_errors, option_cases, random_inputs, random_sae, selection_tol
 
 import gradsae
-from gradsae import chunked
+from gradsae.backends import chunked
 from gradsae.op import Influence
 
 triton = pytest.importorskip("triton")

@@ -1,5 +1,5 @@
 """The CUDA extension's streaming selection kernels (``csrc/stream.cu``) behind the chunked
-strategy's interface (:mod:`gradsae.chunked`): ``StreamTopK`` / ``StreamThreshold`` with
+strategy's interface (:mod:`gradsae.backends.chunked`): ``StreamTopK`` / ``StreamThreshold`` with
 ``fold(chunk, c0)`` once per chunk of latents and ``result()``.
 
 The top-k state is ``[n, kp]`` packed 64-bit keys in the extension's layout (order-preserving
@@ -8,6 +8,7 @@ float bits high, ``~index`` low, 0 = empty), decoded here once at the end.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -19,6 +20,13 @@ def _lib():
     from .. import _C
 
     return _C
+
+
+def folds(lib=None) -> types.SimpleNamespace:
+    """``StreamTopK`` and ``StreamThreshold`` launching through ``lib`` (the compiled module
+    the backend loaded and checked; default ``gradsae._C``), for :func:`.chunked.select`."""
+    return types.SimpleNamespace(StreamTopK=functools.partial(StreamTopK, lib=lib),
+                                 StreamThreshold=functools.partial(StreamThreshold, lib=lib))
 
 
 def _launch(device: torch.device):
@@ -57,7 +65,8 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Fold:
-    def __init__(self, n: int, device, bias, scale):
+    def __init__(self, n: int, device, bias, scale, lib=None):
+        self.lib = lib if lib is not None else _lib()
         self.n = int(n)
         self.device = torch.device(device)
         self.bias, self.scale = _f32(bias), _f32(scale)
@@ -77,9 +86,9 @@ class _Fold:
 class StreamTopK(_Fold):
     """Running per-row top-``k`` (see :class:`gradsae.kernels.stream_select.StreamTopK`)."""
 
-    def __init__(self, n: int, k: int, device, bias=None, scale=None):
-        super().__init__(n, device, bias, scale)
-        lib = _lib()
+    def __init__(self, n: int, k: int, device, bias=None, scale=None, lib=None):
+        super().__init__(n, device, bias, scale, lib)
+        lib = self.lib
         if not 1 <= k <= lib.MAX_K:
             raise ValueError(f"k={k} is outside 1..{lib.MAX_K}")
         self.k, self.kp = int(k), lib.topk_pad(k)
@@ -91,7 +100,7 @@ class StreamTopK(_Fold):
             return
         with _device_ctx(chunk.device):
             run = _launch(chunk.device)
-            _lib().stream_topk(
+            self.lib.stream_topk(
                 device=run.index, stream=run.stream, p=chunk.data_ptr(), p_stride=chunk.stride(0),
                 dtype=_CODES[chunk.dtype], n=self.n, ncols=chunk.shape[1], c0=int(c0), bias=_ptr(self.bias),
                 scale=_ptr(self.scale), k=self.k, kp=self.kp, best=self.best.data_ptr(),
@@ -106,8 +115,8 @@ class StreamThreshold(_Fold):
     """Per-row compaction of ``v > thr`` with exact counts (see
     :class:`gradsae.kernels.stream_select.StreamThreshold`)."""
 
-    def __init__(self, n: int, cap: int, thr: torch.Tensor, device, bias=None, scale=None):
-        super().__init__(n, device, bias, scale)
+    def __init__(self, n: int, cap: int, thr: torch.Tensor, device, bias=None, scale=None, lib=None):
+        super().__init__(n, device, bias, scale, lib)
         self.cap = max(1, int(cap))
         self.thr = _f32(thr)
         self.idx = torch.full((self.n, self.cap), -1, dtype=torch.int64, device=self.device)
@@ -120,7 +129,7 @@ class StreamThreshold(_Fold):
             return
         with _device_ctx(chunk.device):
             run = _launch(chunk.device)
-            _lib().stream_threshold(
+            self.lib.stream_threshold(
                 device=run.index, stream=run.stream, p=chunk.data_ptr(), p_stride=chunk.stride(0),
                 dtype=_CODES[chunk.dtype], n=self.n, ncols=chunk.shape[1], c0=int(c0), bias=_ptr(self.bias),
                 scale=_ptr(self.scale), thr=self.thr.data_ptr(), cap=self.cap, idx=self.idx.data_ptr(),

@@ -6,7 +6,9 @@
 - :mod:`.contract`: :class:`Request`, :class:`Selection`, the :class:`Backend` protocol and
   its optional parts;
 - :mod:`.dispatch`: the :data:`PRIORITY` list and the choice of a backend per call;
-- :mod:`.capacity`: how many slots a row of a threshold SAE gets.
+- :mod:`.capacity`: how many slots a row of a threshold SAE gets;
+- :mod:`.strategy`: which encode strategy (``fused`` / ``chunked``) a backend that offers
+  several runs, by measurement cached on disk or ``GRADSAE_STRATEGY``.
 
 The backends (:mod:`gradsae.backends`) sit above this package and implement the contract;
 the dispatcher loads them by name. Importing this package also serves
@@ -16,7 +18,19 @@ the dispatcher loads them by name. Importing this package also serves
 from .. import sae as _sae
 from .accumulate import accumulate_influence
 from .capacity import INITIAL_CAPACITY
-from .contract import MAX_K, Accumulate, Backend, Describe, GatherDot, Request, Selection, SparseDecode, acc_dtype
+from .contract import (
+    MAX_K,
+    STRATEGIES,
+    Accumulate,
+    Backend,
+    Describe,
+    GatherDot,
+    Request,
+    Selection,
+    SparseDecode,
+    Strategies,
+    acc_dtype,
+)
 from .dispatch import (
     PRIORITY,
     available_backends,
@@ -38,6 +52,8 @@ __all__ = [
     "Describe",
     "GatherDot",
     "SparseDecode",
+    "STRATEGIES",
+    "Strategies",
     "INITIAL_CAPACITY",
     "Influence",
     "MAX_K",
