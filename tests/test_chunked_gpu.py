@@ -65,7 +65,7 @@ def test_chunked_bf16_within_twice_reference(kernels, out_dtype, activation, res
 
 @pytest.mark.parametrize("kernels", ["triton", "cuda"])
 def test_threshold_counts_past_capacity(kernels):
-    from gradsae import chunked
+    from gradsae.backends import chunked
 
     sae = random_sae(512, 8192, "relu", device=DEV)
     x, _ = _inputs(257, 512, torch.float32)
@@ -81,3 +81,39 @@ def test_threshold_counts_past_capacity(kernels):
     for r in clear.nonzero().flatten().tolist():
         want = (v[r] > 0).nonzero().flatten()[:16]
         assert torch.equal(idx[r, : want.numel()].cpu(), want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_the_op_times_both_strategies_once_and_caches_the_faster(backend, monkeypatch, tmp_path):
+    """A large enough call measures every strategy the backend offers on this GPU, writes the
+    decision for its bucket, runs it (results within the bf16 rule), and the next call of the
+    bucket only reads it."""
+    import json
+
+    from gradsae.backends import Request, get_backend
+    from gradsae.op import strategy
+
+    if backend == "cuda":
+        _kernels("cuda")  # skips where the extension is not built
+    cache = tmp_path / "strategy.json"
+    monkeypatch.setenv("GRADSAE_STRATEGY_CACHE", str(cache))
+    monkeypatch.delenv("GRADSAE_STRATEGY", raising=False)
+    strategy.forget()
+    sae = random_sae(2304, 32768, "topk", k=64, dtype=torch.bfloat16, device=DEV)
+    x, g = _inputs(1024, 2304, torch.bfloat16)
+    assert 600 * sae.d_sae >= strategy.MEASURE_MIN  # both calls below are measured or cached
+    out = gradsae.influence(x, g, sae, backend=backend)
+    req = Request(x, g, sae, 64)
+    entry = json.loads(cache.read_text())["decisions"][strategy.bucket(backend, req, 64)]
+    offered = get_backend(backend).strategies(req)
+    assert set(entry["seconds"]) == set(offered) and all(t > 0 for t in entry["seconds"].values())
+    assert entry["strategy"] == min(entry["seconds"], key=entry["seconds"].get)
+    rows = torch.arange(0, 1024, 7)
+    orc = dense_oracle(sae, x[rows], g[rows])
+    sub = gradsae.Influence(out.indices[rows], out.acts[rows], out.grads[rows], out.scores[rows], sae.d_sae)
+    ref = gradsae.influence(x[rows], g[rows], sae, backend="reference")
+    e_o, e_r = max_errors(sub, orc), max_errors(ref, orc)
+    for f in ("acts", "grads", "scores"):
+        assert e_o[f] <= 2 * e_r[f] + 1e-3, (f, e_o, e_r)
+    monkeypatch.setattr(strategy, "measure", lambda *a: pytest.fail("the bucket was measured twice"))
+    gradsae.influence(x[:600], g[:600], sae, backend=backend)  # 600 rows: the same bucket (1024)

@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..stats import LatentStats
 from .capacity import run_sized
 from .dispatch import choose_backend
+from .strategy import choose as choose_strategy
 from .api import Influence, prepare
 
 
@@ -72,6 +73,7 @@ def accumulate_influence(
         return stats
     req = p.request(backend, deterministic)
     b = choose_backend(req, backend)
+    req = choose_strategy(b, req)
     if not hasattr(b, "accumulate"):
         inf = Influence.from_selection(run_sized(b.influence, req), (p.x.shape[0],), sae.d_sae)
         return stats.update(inf, flat_mask, deterministic=deterministic)
