@@ -10,10 +10,13 @@ Variants (each the median of ``--reps`` timed runs after warm-up; compilation an
 happen in the warm-up):
 - ``gemm``: ``torch.matmul(x, W_enc)``, the bare encode GEMM (the unavoidable work);
 - ``dense``: the dense anchor (dense pre-activations, torch.topk, dense gradient, product);
-- ``<backend>.fused`` / ``<backend>.chunked``: the whole influence op (selection + gather-dot)
-  with that encode strategy; ``.select``: the selection alone; ``chunked.f32``: the chunk
-  written in fp32 instead of the inputs' bf16; ``chunked.select@BM,BN,W``: the Triton fold in
-  another launch configuration.
+- ``<backend>.fused`` / ``<backend>.chunked``: the backend's influence (selection + gather-dot)
+  with that encode strategy forced; ``.select``: the selection alone; ``chunked.f32``: the
+  chunk written in fp32 instead of the inputs' bf16; ``chunked.select@BM,BN,W``: the Triton
+  fold in another launch configuration;
+- ``<backend>.auto``: ``gradsae.influence`` as a user calls it: the strategy the op measured
+  for this bucket on this GPU (its first warm-up run measures; the decisions are reported
+  under ``strategy`` in the JSON).
 and reports milliseconds, tokens/s, the ratio to the GEMM's time (goal: the op >= 0.8 of the
 GEMM's throughput) and to the dense anchor's (goal >= 3x), and the peak extra memory (above
 inputs and weights). A variant that fails is recorded with its error; the others still run.
@@ -32,72 +35,36 @@ import traceback
 import torch
 
 import gradsae
-from gradsae import chunked
 from gradsae.benchmark import make_inputs, run_dense
 
 STREAM_SWEEP = ("1,512,4", "2,512,4", "1,2048,8")
 
 
-def encoder_input(sae, x):
-    """(encoder input, fp32 bias): b_dec folded into the bias in fp32, as the kernel backends
-    do for an SAE without input normalisation."""
-    bias = sae.b_enc.float()
-    if sae.apply_b_dec_to_input:
-        bias = bias - sae.b_dec.float() @ sae.W_enc.float()
-    return x.to(sae.dtype), bias
-
-
-def chunked_select(sae, x, bias, kernels, out_dtype=None):
-    dec_norm = sae.decoder_norm().float() if sae.rescale_acts_by_decoder_norm else None
-    return chunked.topk(x, sae.W_enc, bias, sae.k, dec_norm, kernels, out_dtype=out_dtype)
-
-
 def variants(sae, x, grad, cuda_ext: bool, sweep=STREAM_SWEEP) -> dict:
-    """name -> zero-argument callable."""
-    from gradsae.kernels import gather_dot as triton_gather
-    from gradsae.kernels import stream_select
+    """name -> a zero-argument callable, or ``(environment, callable)`` for one that runs
+    with those environment variables set."""
+    from gradsae.backends import Request, get_backend
 
-    a, bias = encoder_input(sae, x)
     out = {
         "gemm": lambda: torch.matmul(x, sae.W_enc),
         "dense": lambda: run_dense(sae, x, grad),
-        "triton.fused.select": lambda: gradsae.encode_sparse(x, sae, backend="triton", check_finite=False),
-        "triton.fused": lambda: gradsae.influence(x, grad, sae, backend="triton", check_finite=False),
     }
 
-    def tri_chunked(out_dtype=None, full=True):
-        def run():
-            acts, idx = chunked_select(sae, a, bias, stream_select, out_dtype)
-            if full:
-                g = triton_gather(sae.W_dec, idx, grad, None, sae.col_scale())
-                return idx, acts, g, acts * g
-            return idx, acts
-        return run
+    def forced(backend, strategy, full=True):
+        b = get_backend(backend)
+        req = Request(x, grad if full else None, sae, sae.k, explicit=True, strategy=strategy)
+        return (lambda: b.influence(req)) if full else (lambda: b.select(req))
 
-    out["triton.chunked.select"] = tri_chunked(full=False)
-    out["triton.chunked"] = tri_chunked()
-    out["triton.chunked.f32.select"] = tri_chunked(torch.float32, full=False)
+    for backend in ("triton", "cuda") if cuda_ext else ("triton",):
+        for strat in ("fused", "chunked"):
+            out[f"{backend}.{strat}.select"] = forced(backend, strat, full=False)
+            out[f"{backend}.{strat}"] = forced(backend, strat)
+        out[f"{backend}.chunked.f32.select"] = ({"GRADSAE_CHUNK_DTYPE": "float32"},
+                                                forced(backend, "chunked", full=False))
+        # the op as a user calls it: the strategy measured on this GPU for this bucket
+        out[f"{backend}.auto"] = (lambda b=backend: gradsae.influence(x, grad, sae, backend=b, check_finite=False))
     for cfg in sweep:
-        out[f"triton.chunked.select@{cfg}"] = ("stream_config", cfg, tri_chunked(full=False))
-    if cuda_ext:
-        from gradsae.backends import cuda_stream, get_backend
-
-        cuda = get_backend("cuda")
-
-        def cu_chunked(out_dtype=None, full=True):
-            def run():
-                acts, idx = chunked_select(sae, a, bias, cuda_stream, out_dtype)
-                if full:
-                    g = cuda.gather_dot(sae.W_dec, idx, grad, None, sae.col_scale())
-                    return idx, acts, g, acts * g
-                return idx, acts
-            return run
-
-        out["cuda.fused.select"] = lambda: gradsae.encode_sparse(x, sae, backend="cuda", check_finite=False)
-        out["cuda.fused"] = lambda: gradsae.influence(x, grad, sae, backend="cuda", check_finite=False)
-        out["cuda.chunked.select"] = cu_chunked(full=False)
-        out["cuda.chunked"] = cu_chunked()
-        out["cuda.chunked.f32.select"] = cu_chunked(torch.float32, full=False)
+        out[f"triton.chunked.select@{cfg}"] = ({"GRADSAE_STREAM_CONFIG": cfg}, forced("triton", "chunked", False))
     return out
 
 
@@ -162,12 +129,11 @@ def run(T, d_in, d_sae, k, dtype, device, reps, warmup, only=None, deadline=None
         if deadline is not None and time.monotonic() > deadline:
             res["variants"][name] = {"error": "skipped: out of time"}
             continue
-        cfg_env = None
-        if isinstance(fn, tuple):  # ("stream_config", value, fn): the fold in another configuration
-            _, cfg_env, fn = fn
-        saved = os.environ.get("GRADSAE_STREAM_CONFIG")
-        if cfg_env:
-            os.environ["GRADSAE_STREAM_CONFIG"] = cfg_env
+        env = {}
+        if isinstance(fn, tuple):  # (environment, fn): e.g. the fold in another configuration
+            env, fn = fn
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             res["variants"][name] = measure(fn, reps, warmup, cuda)
         except Exception as e:  # record and go on: one broken variant must not hide the rest
@@ -177,13 +143,18 @@ def run(T, d_in, d_sae, k, dtype, device, reps, warmup, only=None, deadline=None
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
         finally:
-            if cfg_env:
-                if saved is None:
-                    os.environ.pop("GRADSAE_STREAM_CONFIG", None)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
                 else:
-                    os.environ["GRADSAE_STREAM_CONFIG"] = saved
+                    os.environ[k] = v
         print(f"{name:32} {json.dumps({k: v for k, v in res['variants'][name].items() if k != 'trace'})[:200]}",
               flush=True)
+    from gradsae.op import strategy
+
+    rep = strategy.report()
+    res["strategy"] = {"override": rep["override"], "cache": rep["cache"],
+                       "decisions": {key: d for key, d in rep["decisions"].items() if d["current"]}}
     gemm = res["variants"].get("gemm", {}).get("ms")
     dense = res["variants"].get("dense", {}).get("ms")
     for v in res["variants"].values():

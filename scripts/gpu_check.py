@@ -59,6 +59,7 @@ class Round:
         self.dry = dry
         self.t0 = time.monotonic()
         self.steps: dict[str, dict] = {}
+        self.strategy_decisions: dict | None = None
         self.site = os.path.join(out, "site") if not dry else tempfile.mkdtemp(prefix="gradsae-gpu-check-")
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = self.site + (os.pathsep + self.env["PYTHONPATH"] if self.env.get("PYTHONPATH") else "")
@@ -66,6 +67,10 @@ class Round:
         self.env["GRADSAE_AUTOTUNE"] = "small"
         self.env["GRADSAE_BUILD_CUDA"] = "0"  # the extension is built by its own step
         self.env.setdefault("TRITON_CACHE_DIR", os.path.join(tempfile.gettempdir(), "gradsae-gpu-check-triton"))
+        # the encode strategy is measured (no override) into a cache of this round, reported
+        self.env.pop("GRADSAE_STRATEGY", None)
+        self.strategy_cache = os.path.join(tempfile.mkdtemp(prefix="gradsae-gpu-check-strategy-"), "strategy.json")
+        self.env["GRADSAE_STRATEGY_CACHE"] = self.strategy_cache
         if dry:
             self.env["TRITON_INTERPRET"] = "1"
             self.env["CUDA_VISIBLE_DEVICES"] = ""
@@ -197,7 +202,8 @@ def step_tests(r: Round, kp256: bool, sanitizer: bool) -> None:
     if r.dry:
         # the gpu-marked tests are collected and skipped; the interpreter tests of the same
         # kernels stand in for them at tiny shapes
-        cmd += [os.path.join(ROOT, "tests", t) for t in ("test_triton_gpu.py", "test_chunked_gpu.py")]
+        cmd += [os.path.join(ROOT, "tests", t) for t in ("test_triton_gpu.py", "test_chunked_gpu.py",
+                                                         "test_strategy.py")]
         stream = os.path.join(ROOT, "tests", "test_triton_stream.py")
         cmd += [stream + "::test_chunks_must_ascend", stream + "::test_threshold_fold_counts_exactly_and_keeps_order"]
     else:
@@ -230,6 +236,15 @@ def step_bench(r: Round) -> None:
         os.remove(path)  # kept inside gpu-check.json (fewer files to bring back)
 
 
+def _strategy_decisions(path: str) -> dict:
+    """The encode-strategy decisions the round measured (tests and bench), by bucket."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("decisions", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def summary(r: Round) -> str:
     lines = ["", "gpu-check " + ("(dry run) " if r.dry else "") + f"{time.monotonic() - r.t0:.0f} s"]
     facts = r.steps.get("env", {}).get("facts", {})
@@ -239,6 +254,9 @@ def summary(r: Round) -> str:
     for name, rec in r.steps.items():
         lines.append(f"  {name:8} {rec['status']:30} {rec['seconds']:6.1f} s")
     bench = r.steps.get("bench", {}).get("results")
+    for key, d in (r.strategy_decisions or {}).items():
+        secs = ", ".join(f"{s} {t * 1e3:.3f} ms" for s, t in sorted((d.get("seconds") or {}).items()))
+        lines.append(f"  strategy {key}: {d.get('strategy')} ({secs})")
     if bench:
         lines.append(f"  bench {bench['shape']}")
         lines.append(f"  {'variant':30} {'ms':>9} {'of gemm':>8} {'x dense':>8} {'extra MiB':>10}")
@@ -271,8 +289,10 @@ def main(argv=None) -> int:
          "tests": lambda: step_tests(r, args.kp256, args.sanitizer), "bench": lambda: step_bench(r)}[step]()
     if r.dry:
         shutil.rmtree(r.site, ignore_errors=True)
+    r.strategy_decisions = _strategy_decisions(r.strategy_cache)
+    shutil.rmtree(os.path.dirname(r.strategy_cache), ignore_errors=True)
     report = {"dry_run": r.dry, "seconds": round(time.monotonic() - r.t0, 1), "total_budget_s": TOTAL_S,
-              "steps": r.steps}
+              "steps": r.steps, "strategy_decisions": r.strategy_decisions}
     with open(os.path.join(r.out, "gpu-check.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(summary(r))

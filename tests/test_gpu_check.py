@@ -21,6 +21,7 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((out / "gpu-check.json").read_text())
     steps = report["steps"]
     assert list(steps) == ["env", "install", "build", "tests", "bench"]
+    assert report["strategy_decisions"] == {}  # nothing can be timed on a CPU
     assert steps["build"]["status"].startswith("skipped: dry run")
     for name in ("env", "install", "tests", "bench"):
         assert steps[name]["status"] == "ok", (name, steps[name])
