@@ -295,15 +295,16 @@ class CudaBackend:
         return sel
 
     # ------------------------------------------------------------------ fused statistics
-    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None) -> None:
+    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None,
+                   keep_grads: bool = False) -> torch.Tensor | None:
         """Add the influence of ``sel`` to the statistics ``tables`` without materialising
-        scores: the gather-dot kernel adds each active slot into them (atomics), or, with
-        ``req.deterministic``, the scores are sorted by latent and each latent's entries
-        reduced in input order."""
+        scores: the gather-dot kernel adds each active slot into them (atomics; with
+        ``keep_grads`` it writes the grads in the same pass), or, with ``req.deterministic``,
+        the scores are sorted by latent and each latent's entries reduced in input order."""
         with torch.cuda.device(req.x.device):
-            self._accumulate_on_device(req, sel, tables, mask)
+            return self._accumulate_on_device(req, sel, tables, mask, keep_grads)
 
-    def _accumulate_on_device(self, req: Request, sel: Selection, tables: dict, mask) -> None:
+    def _accumulate_on_device(self, req: Request, sel: Selection, tables: dict, mask, keep_grads: bool):
         lib = _load()
         sae = req.sae
         launch = _Launch(req.x.device)
@@ -322,12 +323,14 @@ class CudaBackend:
             s = s[order].contiguous()
             lib.segment_stats(device=launch.index, stream=launch.stream, j=j.data_ptr(), acts=a.data_ptr(),
                               scores=s.data_ptr(), m=j.numel(), stats=stats)
-        else:
-            args, keep = self._gather_args(sae.W_dec, idx, req.grad, sel.row_scale, sae.col_scale())
-            acts = acts.contiguous()
-            lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
-                           stats=stats, **args)
-            del keep
+            return grads if keep_grads else None
+        out = torch.empty(idx.shape, dtype=torch.float32, device=idx.device) if keep_grads else None
+        args, keep = self._gather_args(sae.W_dec, idx, req.grad, sel.row_scale, sae.col_scale())
+        acts = acts.to(torch.float32).contiguous()
+        lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
+                       stats=stats, out=_ptr(out), **args)
+        del keep
+        return out
 
 
 BACKEND = CudaBackend()

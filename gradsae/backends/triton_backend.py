@@ -113,17 +113,20 @@ class TritonBackend:
         )
         return out.reshape(*lead, sae.d_in)
 
-    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None) -> None:
+    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None,
+                   keep_grads: bool = False) -> torch.Tensor | None:
         """The influence of ``sel`` added into ``tables`` without per-token scores on the host:
-        the gather-dot adds into them with float64 atomics or, with ``req.deterministic``, the
-        scores go through a sorted segmented reduction (bitwise repeatable)."""
+        the gather-dot adds into them with float64 atomics (and writes ``grads`` in the same
+        pass with ``keep_grads``) or, with ``req.deterministic``, the scores go through a
+        sorted segmented reduction (bitwise repeatable)."""
         sae = req.sae
         if req.deterministic:
-            _, s = kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts)
+            g, s = kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts)
             kernels.accumulate_sorted(tables, sel.indices, sel.acts, s, mask)
-        else:
-            kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts,
-                               stats=tables, row_mask=mask, write=False)
+            return g if keep_grads else None
+        out = kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts,
+                                 stats=tables, row_mask=mask, write=keep_grads)
+        return out[0] if keep_grads else None
 
     def describe(self) -> dict:
         """Versions and where the kernels would run."""

@@ -2,7 +2,8 @@
 
 - :mod:`.api`: :func:`influence`, :func:`encode_sparse`, :func:`influence_at`,
   :func:`decode_sparse`, the :class:`Influence` result, and the input checks;
-- :mod:`.accumulate`: :func:`accumulate_influence` (influence straight into LatentStats);
+- :mod:`.accumulate`: :func:`accumulate_influence` and :func:`accumulate_at` (influence
+  straight into LatentStats; the second for a spliced model's backward);
 - :mod:`.contract`: :class:`Request`, :class:`Selection`, the :class:`Backend` protocol and
   its optional parts;
 - :mod:`.dispatch`: the :data:`PRIORITY` list and the choice of a backend per call;
@@ -16,7 +17,7 @@ the dispatcher loads them by name. Importing this package also serves
 """
 
 from .. import sae as _sae
-from .accumulate import accumulate_influence
+from .accumulate import accumulate_at, accumulate_influence, fused_backend
 from .capacity import INITIAL_CAPACITY
 from .contract import (
     MAX_K,
@@ -61,6 +62,7 @@ __all__ = [
     "Request",
     "Selection",
     "acc_dtype",
+    "accumulate_at",
     "accumulate_influence",
     "as_sae",
     "available_backends",
@@ -69,6 +71,7 @@ __all__ = [
     "decode_sparse",
     "encode_sparse",
     "explain",
+    "fused_backend",
     "get_backend",
     "influence",
     "influence_at",

@@ -256,6 +256,17 @@ def encode_sparse(x: torch.Tensor, sae, k: int | None = None, backend: str = "au
     return sel.indices.reshape(shape), sel.acts.reshape(shape)
 
 
+def check_at(indices: torch.Tensor, acts: torch.Tensor, grad: torch.Tensor, sae: SAE) -> None:
+    """Check the inputs of :func:`influence_at`: ``grad`` a tensor for ``sae``, and the three
+    of them sharing their leading dimensions."""
+    _check_tensor("grad", grad, sae)
+    if indices.shape[:-1] != grad.shape[:-1] or acts.shape != indices.shape:
+        raise InputError(
+            f"indices {tuple(indices.shape)}, acts {tuple(acts.shape)} and grad {tuple(grad.shape)} "
+            "must share their leading dimensions"
+        )
+
+
 def influence_at(
     indices: torch.Tensor,
     acts: torch.Tensor,
@@ -276,12 +287,7 @@ def influence_at(
             reference's).
     """
     sae = as_sae(sae)
-    _check_tensor("grad", grad, sae)
-    if indices.shape[:-1] != grad.shape[:-1] or acts.shape != indices.shape:
-        raise InputError(
-            f"indices {tuple(indices.shape)}, acts {tuple(acts.shape)} and grad {tuple(grad.shape)} "
-            "must share their leading dimensions"
-        )
+    check_at(indices, acts, grad, sae)
     K = indices.shape[-1]
     idx2 = indices.reshape(-1, K)
     d2 = grad.detach().reshape(-1, sae.d_in)

@@ -154,13 +154,16 @@ class Accumulate(Protocol):
     """Optional: a fused statistics update."""
 
     def accumulate(self, req: Request, sel: Selection, tables: dict[str, torch.Tensor],
-                   mask: torch.Tensor | None) -> None:
-        """Add the influence of the slots of ``sel`` (a :meth:`Backend.select` answer for
-        ``req``) to per-latent ``tables`` without returning per-token scores: ``tables`` maps
-        every name of :data:`gradsae.stats.FIELDS` to a contiguous ``[d_sae]`` tensor on
-        ``req``'s device (int64 ``count``, float64 sums and max). ``mask`` ``[N]`` bool selects
-        the rows that count (None: all). With ``req.deterministic`` the sums must be bitwise
-        repeatable. The op counts tokens."""
+                   mask: torch.Tensor | None, keep_grads: bool = False) -> torch.Tensor | None:
+        """Add the influence of the slots of ``sel`` (its ``indices``, float32 ``acts`` and
+        ``row_scale``, e.g. a :meth:`Backend.select` answer for ``req``) to per-latent
+        ``tables`` without returning per-token scores: ``tables`` maps every name of
+        :data:`gradsae.stats.FIELDS` to a contiguous ``[d_sae]`` tensor on ``req``'s device
+        (int64 ``count``, float64 sums and max). ``mask`` ``[N]`` bool selects the rows that
+        count (None: all). With ``req.deterministic`` the sums must be bitwise repeatable. The
+        op counts tokens. Returns None, or with ``keep_grads`` the ``grads`` ``[N, K]`` of
+        every slot (float32, 0 in empty slots) from the same pass (the spliced model's
+        backward needs both)."""
 
 
 class Describe(Protocol):
