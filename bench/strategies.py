@@ -62,9 +62,10 @@ def variants(sae, x, grad, cuda_ext: bool, sweep=STREAM_SWEEP) -> dict:
         out[f"{backend}.chunked.f32.select"] = ({"GRADSAE_CHUNK_DTYPE": "float32"},
                                                 forced(backend, "chunked", full=False))
         # the op as a user calls it: the strategy measured on this GPU for this bucket
-        out[f"{backend}.auto"] = (lambda b=backend: gradsae.influence(x, grad, sae, backend=b, check_finite=False))
+        out[f"{backend}.auto"] = lambda b=backend: gradsae.influence(x, grad, sae, backend=b, check_finite=False)
     for cfg in sweep:
-        out[f"triton.chunked.select@{cfg}"] = ({"GRADSAE_STREAM_CONFIG": cfg}, forced("triton", "chunked", False))
+        out[f"triton.chunked.select@{cfg}"] = ({"GRADSAE_STREAM_CONFIG": cfg},
+                                                forced("triton", "chunked", full=False))
     return out
 
 

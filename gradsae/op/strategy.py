@@ -163,9 +163,9 @@ def _store(path: Path, key: str, entry: dict) -> None:
         decisions[key] = entry
         on_disk, why = _read(path)
         merged = {**(on_disk if why is None else {}), **decisions}
+        text = json.dumps({"format": FORMAT, "decisions": merged}, indent=1, sort_keys=True) + "\n"
         try:
-            atomic_write_text(path, json.dumps({"format": FORMAT, "decisions": merged}, indent=1, sort_keys=True)
-                              + "\n")
+            atomic_write_text(path, text)
         except OSError as e:
             _warn_once(f"write:{path}", f"cannot write the strategy cache {path} ({e.strerror or e}); "
                                         "decisions are kept for this process only")
