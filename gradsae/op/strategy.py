@@ -30,6 +30,7 @@ low-precision tolerance, so a machine's results follow its cached decision.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -86,15 +87,20 @@ def cache_path() -> Path:
     return Path(base) / "gradsae" / "strategy.json"
 
 
-def versions() -> dict[str, str | None]:
-    """The software a decision was measured with; another version measures again."""
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str | None], ...]:
     try:
         from importlib.metadata import version
 
         triton = version("triton")
     except Exception:  # noqa: BLE001 - not installed, or broken metadata: no Triton
         triton = None
-    return {"gradsae": __version__, "torch": torch.__version__.split("+")[0], "triton": triton}
+    return (("gradsae", __version__), ("torch", torch.__version__.split("+")[0]), ("triton", triton))
+
+
+def versions() -> dict[str, str | None]:
+    """The software a decision was measured with; another version measures again."""
+    return dict(_versions())
 
 
 def _warn_once(key: str, message: str) -> None:
