@@ -10,7 +10,7 @@ BASE   := $(VENV)/.gradsae-base
 FULL   := $(VENV)/.gradsae-test
 PIP    := $(BIN)/python -m pip install -c constraints.txt
 
-.PHONY: setup test test-gpu build-cuda bench demo clean
+.PHONY: setup test test-gpu build-cuda bench demo clean gpu-check
 
 $(BASE): setup.py pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test-gpu: $(FULL)
 
 bench: $(FULL)
 	$(BIN)/python bench/run.py
+
+# One round on a lent GPU machine as it is (its python3 and packages, no network): install into
+# the output folder, build gradsae._C for sm_90a/sm_90, the gpu tests, the benchmark; under 8
+# minutes, logs and gpu-check.json in $$OUT (else gpu-check-out/). GPU_CHECK_ARGS=--dry-run
+# runs the same plumbing on a CPU.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 demo: $(BASE)
 	$(BIN)/gradsae demo

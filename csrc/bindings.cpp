@@ -32,6 +32,8 @@ std::string compiled_archs() {
 
 int cuda_runtime_version() { return CUDART_VERSION; }
 
+void register_stream(py::module_& m);  // stream_bindings.cpp
+
 }  // namespace gradsae
 
 template <typename T>
@@ -144,4 +146,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("device"), py::arg("stream"), py::arg("j"), py::arg("acts"), py::arg("scores"), py::arg("m"),
       py::arg("stats"),
       "deterministic LatentStats update from entries sorted by latent (stats: table pointers in STATS_FIELDS order)");
+
+  register_stream(m);
 }

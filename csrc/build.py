@@ -26,8 +26,8 @@ from setuptools import Extension
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("encode.cu", "gather.cu", "bindings.cpp")
-HEADERS = ("select.cuh", "common.cuh", "launch.h", "stats_fields.h")
+SOURCES = ("encode.cu", "gather.cu", "stream.cu", "bindings.cpp", "stream_bindings.cpp")
+HEADERS = ("select.cuh", "common.cuh", "launch.h", "stats_fields.h", "stream.cuh", "stream.h")
 DEFAULT_ARCHS = ("80", "90")
 NVCC_MISSING = (
     "gradsae: building the CUDA extension (GRADSAE_BUILD_CUDA=1) needs nvcc, the CUDA compiler, "
@@ -65,31 +65,43 @@ def find_cuobjdump() -> str | None:
     return next((c for c in cands if c and os.path.isfile(c)), None)
 
 
+def _cc(a: str) -> int:
+    """The numeric compute capability of a target ("90a" -> 90)."""
+    return int(a.rstrip("a"))
+
+
 def archs() -> tuple[str, ...]:
-    """SASS targets (compute capabilities without the dot), from GRADSAE_CUDA_ARCHS or the default."""
+    """SASS targets (compute capabilities without the dot, an architecture-specific target
+    with its ``a``: ``90a``), from GRADSAE_CUDA_ARCHS or the default."""
     env = os.environ.get("GRADSAE_CUDA_ARCHS", "").replace(";", ",").strip()
     if not env:
         return DEFAULT_ARCHS
     out = tuple(a.strip().replace(".", "").removeprefix("sm_") for a in env.split(",") if a.strip())
     for a in out:
-        if not a.isdigit() or int(a) < 80:
-            raise RuntimeError(f"GRADSAE_CUDA_ARCHS: {a!r} is not a compute capability >= 8.0 (e.g. 80,90)")
+        if not a.rstrip("a").isdigit() or a.count("a") > 1 or _cc(a) < 80:
+            raise RuntimeError(f"GRADSAE_CUDA_ARCHS: {a!r} is not a compute capability >= 8.0 (e.g. 80,90 or 90a)")
     return out
 
 
+def _ptx_target(targets: tuple[str, ...]) -> str:
+    """PTX goes with the newest portable target (architecture-specific PTX, sm_90a's, runs on
+    that architecture alone), or the newest of all when every target is specific."""
+    portable = [a for a in targets if not a.endswith("a")]
+    return max(portable or targets, key=_cc)
+
+
 def gencode_flags(targets: tuple[str, ...]) -> list[str]:
-    """SASS for every target, PTX for the newest (forward compatibility)."""
+    """SASS for every target, PTX for the newest portable one (forward compatibility)."""
     flags = []
     for a in targets:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    newest = max(targets, key=int)
+    newest = _ptx_target(targets)
     flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
     return flags
 
 
 def arch_names(targets: tuple[str, ...]) -> str:
-    newest = max(targets, key=int)
-    return ", ".join([f"sm_{a}" for a in targets] + [f"compute_{newest}"])
+    return ", ".join([f"sm_{a}" for a in targets] + [f"compute_{_ptx_target(targets)}"])
 
 
 def _includes() -> list[str]:

@@ -16,6 +16,18 @@
 //   threshold: in  int32 rows, cols, cap, bn, split_cols; float32 v[rows*cols]; float32 thr[cols]
 //              out int32 total[rows], int64 idx[rows*cap], float32 val[rows*cap]
 //   topk32, threshold32: as topk, threshold, on an emulated 32-lane warp
+//
+// Streaming selection (stream.cuh, the chunked strategy): the matrix is cut into chunks of
+// `chunk` columns, each copied into a [rows, width] buffer as the GEMM writes it, and folded
+// row by row as the kernels do; `dtype` 0 float32 (values as float32), 1 float16, 2 bfloat16
+// (values as uint16 bits); `vec` asks for 16-byte loads where the layout allows them.
+//   stream_topk:      in  int32 rows, cols, k, chunk, dtype, has_bias, has_scale, vec; values;
+//                         float32 bias[cols] if has_bias; float32 scale[cols] if has_scale
+//                     out int64 idx[rows*k], float32 val[rows*k]
+//   stream_threshold: in  int32 rows, cols, cap, chunk, dtype, has_bias, has_scale, vec; values;
+//                         bias, scale as above; float32 thr[cols]
+//                     out int32 total[rows], int64 idx[rows*cap], float32 val[rows*cap]
+//   stream_topk32, stream_threshold32: the same on an emulated 32-lane warp
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +39,7 @@
 #include <vector>
 
 #include "select.cuh"
+#include "stream.cuh"
 
 using namespace gradsae;
 
@@ -218,11 +231,141 @@ int cmd_threshold(int nlanes) {
   return 0;
 }
 
+// 16-byte aligned storage (vector loads need it, as device allocations give it)
+struct alignas(16) Block16 {
+  unsigned char b[16];
+};
+
+struct StreamInput {
+  int rows, cols, chunk, dtype, vec;
+  std::vector<Block16> values;  // rows * cols elements of `dtype`
+  std::vector<float> bias, scale;
+  int elem() const { return dtype == kStreamF32 ? 4 : 2; }
+};
+
+StreamInput read_stream_input(int& k_or_cap) {
+  StreamInput in;
+  in.rows = read_i32();
+  in.cols = read_i32();
+  k_or_cap = read_i32();
+  in.chunk = read_i32();
+  in.dtype = read_i32();
+  const int has_bias = read_i32(), has_scale = read_i32();
+  in.vec = read_i32();
+  const size_t bytes = (size_t)in.rows * in.cols * in.elem();
+  in.values.resize((bytes + 15) / 16);
+  if (bytes && fread(in.values.data(), 1, bytes, stdin) != bytes) {
+    fprintf(stderr, "select_host: short input\n");
+    exit(2);
+  }
+  if (has_bias) in.bias = read_n<float>(in.cols);
+  if (has_scale) in.scale = read_n<float>(in.cols);
+  return in;
+}
+
+// Chunk [c0, c0 + width) copied into a [rows, width] buffer (the GEMM's output layout), and
+// whether 16-byte loads are legal in it (the kernels' condition).
+std::vector<Block16> copy_chunk(const StreamInput& in, int c0, int width, bool& vec) {
+  const int e = in.elem();
+  std::vector<Block16> buf(((size_t)in.rows * width * e + 15) / 16);
+  auto* dst = reinterpret_cast<unsigned char*>(buf.data());
+  const auto* src = reinterpret_cast<const unsigned char*>(in.values.data());
+  for (int r = 0; r < in.rows; ++r)
+    memcpy(dst + (size_t)r * width * e, src + ((size_t)r * in.cols + c0) * e, (size_t)width * e);
+  vec = in.vec && (width * e) % 16 == 0 && c0 % 8 == 0;
+  return buf;
+}
+
+template <int DT>
+ChunkRow<DT> row_loader(const StreamInput& in, const std::vector<Block16>& buf, int r, int c0, int width, bool vec) {
+  ChunkRow<DT> ld;
+  ld.row = reinterpret_cast<const unsigned char*>(buf.data()) + (size_t)r * width * in.elem();
+  ld.bias = in.bias.empty() ? nullptr : in.bias.data();
+  ld.scale = in.scale.empty() ? nullptr : in.scale.data();
+  ld.c0 = c0;
+  ld.ncols = width;
+  ld.vec = vec;
+  return ld;
+}
+
+template <int DT>
+void stream_topk_chunks(const StreamInput& in, int k, int nlanes, std::vector<uint64_t>& best) {
+  const int kp = topk_pad(k), cp = stream_queue_keys(kp);
+  std::vector<uint64_t> state(kp), queue(cp);
+  for (int c0 = 0; c0 < in.cols; c0 += in.chunk) {
+    const int width = in.cols - c0 < in.chunk ? in.cols - c0 : in.chunk;
+    bool vec;
+    auto buf = copy_chunk(in, c0, width, vec);
+    for (int r = 0; r < in.rows; ++r) {
+      std::copy(best.begin() + (size_t)r * kp, best.begin() + (size_t)(r + 1) * kp, state.begin());
+      std::fill(queue.begin(), queue.end(), 0xdeadbeefULL);
+      const ChunkRow<DT> ld = row_loader<DT>(in, buf, r, c0, width, vec);
+      on_warp(nlanes, [&](int lane, int nl, auto sync, auto ballot) {
+        float bar = kth_bar(state.data(), k);  // every lane holds the bar, as on the device
+        stream_topk_row(state.data(), queue.data(), bar, ld, k, kp, lane, nl, sync, ballot);
+      });
+      std::copy(state.begin(), state.end(), best.begin() + (size_t)r * kp);
+    }
+  }
+}
+
+int cmd_stream_topk(int nlanes) {
+  int k;
+  StreamInput in = read_stream_input(k);
+  const int kp = topk_pad(k);
+  std::vector<uint64_t> best((size_t)in.rows * kp, kEmptyKey);
+  if (in.dtype == kStreamF32) stream_topk_chunks<kStreamF32>(in, k, nlanes, best);
+  else if (in.dtype == kStreamF16) stream_topk_chunks<kStreamF16>(in, k, nlanes, best);
+  else stream_topk_chunks<kStreamBF16>(in, k, nlanes, best);
+  std::vector<int64_t> idx((size_t)in.rows * k);
+  std::vector<float> val((size_t)in.rows * k);
+  for (int r = 0; r < in.rows; ++r) emit_topk_row(&best[(size_t)r * kp], k, &idx[(size_t)r * k], &val[(size_t)r * k], 0, 1);
+  write_all(idx);
+  write_all(val);
+  return 0;
+}
+
+template <int DT>
+void stream_threshold_chunks(const StreamInput& in, int cap, const std::vector<float>& thr, int nlanes,
+                             std::vector<int32_t>& count, std::vector<int64_t>& idx, std::vector<float>& val) {
+  for (int c0 = 0; c0 < in.cols; c0 += in.chunk) {
+    const int width = in.cols - c0 < in.chunk ? in.cols - c0 : in.chunk;
+    bool vec;
+    auto buf = copy_chunk(in, c0, width, vec);
+    for (int r = 0; r < in.rows; ++r) {
+      const ChunkRow<DT> ld = row_loader<DT>(in, buf, r, c0, width, vec);
+      on_warp(nlanes, [&](int lane, int nl, auto, auto ballot) {
+        int c = stream_threshold_row(&idx[(size_t)r * cap], &val[(size_t)r * cap], count[r], cap, thr.data(), ld,
+                                     lane, nl, ballot);
+        if (lane == 0) count[r] = c;
+      });
+    }
+  }
+}
+
+int cmd_stream_threshold(int nlanes) {
+  int cap;
+  StreamInput in = read_stream_input(cap);
+  auto thr = read_n<float>(in.cols);
+  std::vector<int32_t> count(in.rows, 0);
+  std::vector<int64_t> idx((size_t)in.rows * cap, -1);
+  std::vector<float> val((size_t)in.rows * cap, 0.0f);
+  if (in.dtype == kStreamF32) stream_threshold_chunks<kStreamF32>(in, cap, thr, nlanes, count, idx, val);
+  else if (in.dtype == kStreamF16) stream_threshold_chunks<kStreamF16>(in, cap, thr, nlanes, count, idx, val);
+  else stream_threshold_chunks<kStreamBF16>(in, cap, thr, nlanes, count, idx, val);
+  write_all(count);
+  write_all(idx);
+  write_all(val);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 2) {
-    fprintf(stderr, "usage: select_host keys|sort|lanes|topk|threshold|topk32|threshold32 < input > output\n");
+    fprintf(stderr,
+            "usage: select_host keys|sort|lanes|topk|threshold|topk32|threshold32|stream_topk|stream_threshold|"
+            "stream_topk32|stream_threshold32 < input > output\n");
     return 1;
   }
   const char* c = argv[1];
@@ -233,6 +376,10 @@ int main(int argc, char** argv) {
   if (!strcmp(c, "threshold")) return cmd_threshold(1);
   if (!strcmp(c, "topk32")) return cmd_topk(32);
   if (!strcmp(c, "threshold32")) return cmd_threshold(32);
+  if (!strcmp(c, "stream_topk")) return cmd_stream_topk(1);
+  if (!strcmp(c, "stream_topk32")) return cmd_stream_topk(32);
+  if (!strcmp(c, "stream_threshold")) return cmd_stream_threshold(1);
+  if (!strcmp(c, "stream_threshold32")) return cmd_stream_threshold(32);
   fprintf(stderr, "select_host: unknown command %s\n", c);
   return 1;
 }

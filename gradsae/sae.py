@@ -380,13 +380,18 @@ class SAE:
         return v
 
     def activate(self, v: torch.Tensor) -> torch.Tensor:
-        """Apply the activation to dense selection values ``v`` ``[..., d_sae]``."""
+        """Apply the activation to dense selection values ``v`` ``[..., d_sae]``.
+
+        A NaN value is never selected (gradsae's rule on every backend): it counts as an
+        inactive latent, as if it were -inf, so it gives a 0 latent and never takes a top-k
+        slot from a real value (``torch.topk`` alone ranks NaN first); -inf gives 0 too."""
         if self.activation == "topk":
             kk = min(self.k, v.shape[-1])
-            top = v.topk(kk, dim=-1)
+            ranked = v.masked_fill(torch.isnan(v), float("-inf"))
+            top = ranked.topk(kk, dim=-1)
             return torch.zeros_like(v).scatter(-1, top.indices, top.values.relu())
         thr = self.selection_threshold().to(v.dtype)
-        return v * (v > thr)
+        return torch.where(v > thr, v, torch.zeros((), dtype=v.dtype, device=v.device))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latents ``z`` ``[..., d_sae]`` (reference semantics; builds the dense tensor)."""

@@ -124,3 +124,19 @@ def gather_dot(W_dec: torch.Tensor, idx: torch.Tensor, D: torch.Tensor,
     if acts is None:
         return g
     return (g, s) if write else None
+
+
+def aot_spec(p: str):
+    """The gather-dot (scores, no statistics) as a GPU launch runs it, for :mod:`.aot`."""
+    from .aot import Spec
+
+    bs, bd, warps = 16, 256, 4
+    sig = {"W": p, "IDX": "*i64", "D": p, "ACT": "*fp32", "ROW_SCALE": "*fp32", "COL_SCALE": "*fp32",
+           "ROW_MASK": "*i8", "G_OUT": "*fp32", "S_OUT": "*fp32", "CNT": "*i64", "ASUM": "*fp64",
+           "SSUM": "*fp64", "RSUM": "*fp64", "XSUM": "*fp64", "SMAX": "*fp64", "K": "i32", "D_IN": "i32", "stride_w": "i32",
+           "stride_d": "i32"}
+    const = dict(HAS_ROW=False, HAS_COL=True, HAS_ACT=True, HAS_MASK=False, WRITE=True, STATS=False,
+                 BS=bs, BD=bd)
+    sig.update({name: "constexpr" for name in const})
+    return Spec("gather_dot", _gather_dot_kernel, sig, const, warps, 3,
+                divisible=("K", "D_IN", "stride_w", "stride_d"), meta=dict(BS=bs, BD=bd, dtype=p))

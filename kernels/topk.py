@@ -103,6 +103,48 @@ def merge_running_topk(best, keys, KP: tl.constexpr):
     return tl.reshape(c, [BM, KP])
 
 
+@triton.jit
+def kth_bar(best, K, KP: tl.constexpr):
+    """The bar of each row: the fp32 value of its K-th best key (``best`` sorted descending),
+    at least 0; 0 while the row has fewer than K keys."""
+    kk = tl.arange(0, KP)[None, :]
+    kth = tl.min(tl.where(kk < K, best, 0x7FFFFFFFFFFFFFFF), axis=1)
+    hi = (kth >> 32).to(tl.int32)
+    val = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    return tl.where(kth == EMPTY_KEY, 0.0, tl.maximum(val, 0.0))
+
+
+@triton.jit
+def merge_queue(best, qbase, qn, KP: tl.constexpr, QC: tl.constexpr, QSTRIDE: tl.constexpr):
+    """``best`` merged with the first ``qn`` keys of every row's queue (row r at
+    ``qbase + r * QSTRIDE``), QC at a time. Barriers on both sides: other threads of the
+    program wrote the queue, and will write it again once it is merged."""
+    BM: tl.constexpr = best.shape[0]
+    tl.debug_barrier()
+    chunk = tl.arange(0, QC)[None, :]
+    rows = tl.arange(0, BM)[:, None] * QSTRIDE
+    for q0 in range(0, tl.max(qn, axis=0), QC):
+        q = tl.load(qbase + rows + q0 + chunk, mask=(q0 + chunk) < qn[:, None], other=EMPTY_KEY)
+        best = merge_running_topk(best, q, KP)
+    tl.debug_barrier()
+    return best
+
+
+@triton.jit
+def queue_hits(v, cols, bar, qbase, qn, QSTRIDE: tl.constexpr):
+    """Append the keys of the tile's values above their row's bar to the row's queue (row r
+    at ``qbase + r * QSTRIDE``, in column order); returns the new queue lengths. Keys are
+    packed for the hits alone; positions are int32 offsets from the scalar base (a [BM, BN]
+    tile of 64-bit addresses would cost registers the GEMM needs)."""
+    BM: tl.constexpr = v.shape[0]
+    BN: tl.constexpr = v.shape[1]
+    hit = v > bar[:, None]
+    hit_i = hit.to(tl.int32)
+    pos = tl.cumsum(hit_i, axis=1) - 1 + qn[:, None] + tl.arange(0, BM)[:, None] * QSTRIDE
+    tl.store(qbase + pos, pack_keys(v, cols[None, :] + tl.zeros([BM, BN], dtype=tl.int32)), mask=hit)
+    return qn + tl.sum(hit_i, axis=1)
+
+
 def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 values, int64 indices) of packed keys; empty keys give value 0, index -1."""
     hi = (keys >> 32).to(torch.int32)

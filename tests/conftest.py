@@ -9,6 +9,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Strategy decisions measured by the tests (on a GPU) go to a file of the test session, not
+# the user's cache; tests of the cache itself point it elsewhere.
+if not os.environ.get("GRADSAE_STRATEGY_CACHE"):
+    import tempfile
+
+    os.environ["GRADSAE_STRATEGY_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="gradsae-test-"), "strategy.json")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -4,8 +4,9 @@ Without a GPU only the dispatch facts run (registration, reasons for not serving
 The ``gpu`` tests need a CUDA GPU and the extension built (GRADSAE_BUILD_CUDA=1): every
 activation and SAE option, float32 / bfloat16 / float16 (the 2x rule against the reference
 in the same dtype), ragged token counts and d_sae / d_in off the tile and vector widths,
-k from 1 to 256, threshold capacities, the gather-dot of influence_at, the fused and the
-deterministic LatentStats accumulation, realistic shapes, and compute-sanitizer.
+k from 1 to 256, threshold capacities (each of these with both encode strategies, chunked
+and fused), the gather-dot of influence_at, the fused and the deterministic LatentStats
+accumulation, realistic shapes, and compute-sanitizer.
 """
 
 from __future__ import annotations
@@ -102,9 +103,13 @@ def _relu_sae(d_in, d_sae, dtype=torch.float32):
 @needs_ext
 @pytest.mark.parametrize("activation,rescale,normalize,apply_b_dec,k", CASES)
 @pytest.mark.parametrize("lead,d_in,d_sae", [((3, 101), 768, 16384), ((77,), 770, 5003)])
-def test_matches_oracle_float32(activation, rescale, normalize, apply_b_dec, k, lead, d_in, d_sae):
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_matches_oracle_float32(monkeypatch, strategy, activation, rescale, normalize, apply_b_dec, k, lead, d_in,
+                                d_sae):
     """Ragged rows (not a multiple of the 64-row tile), d_sae off the 128-column tile, d_in off
-    the 8-element vector width (scalar load path)."""
+    the 8-element vector width (scalar load path); both encode strategies."""
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # chunked: an fp32 GEMM in fp32
     sae = random_sae(d_in, d_sae, activation, k=k or 8, normalize=normalize, rescale=rescale,
                      apply_b_dec=apply_b_dec, device=DEV, scalar_threshold=activation == "batchtopk")
     if activation != "topk":
@@ -131,7 +136,9 @@ def test_matches_oracle_float32(activation, rescale, normalize, apply_b_dec, k, 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation,normalize,rescale", [("topk", "none", True), ("topk", "layer_norm", False),
                                                           ("jumprelu", "constant_norm_rescale", False)])
-def test_low_precision_within_twice_the_reference_error(dtype, activation, normalize, rescale):
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_low_precision_within_twice_the_reference_error(monkeypatch, strategy, dtype, activation, normalize, rescale):
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
     d_in, d_sae = 1024, 8192
     sae = random_sae(d_in, d_sae, activation, k=64, normalize=normalize, rescale=rescale, dtype=dtype, device=DEV)
     if activation != "topk":
@@ -154,7 +161,9 @@ def test_low_precision_within_twice_the_reference_error(dtype, activation, norma
 @pytest.mark.gpu
 @needs_ext
 @pytest.mark.parametrize("d_sae,k", [(1, 1), (97, 97), (300, 256), (128, 128), (5000, 255)])
-def test_topk_k_edge_cases(d_sae, k):
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_topk_k_edge_cases(monkeypatch, strategy, d_sae, k):
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
     # (k > d_sae is refused when the SAE is built: tests/test_sae.py)
     sae = random_sae(48, d_sae, "topk", k=k, device=DEV)
     x, g = _inputs((70,), 48)
@@ -165,7 +174,9 @@ def test_topk_k_edge_cases(d_sae, k):
 
 @pytest.mark.gpu
 @needs_ext
-def test_threshold_capacity_rules():
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_threshold_capacity_rules(monkeypatch, strategy):
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
     """k=None sizes the output to the fullest row (the op's first guess of INITIAL_CAPACITY
     slots overflows and is re-run); a smaller k raises the op's CapacityError; a larger one
     pads."""
@@ -277,13 +288,14 @@ def _sanitizer() -> str | None:
 
 
 SANITIZED = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     sys.path.insert(0, "tests")
     import gradsae
     from oracle import random_sae
     from gradsae.stats import LatentStats
     torch.manual_seed(0)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, strategy in ((torch.float32, "chunked"), (torch.bfloat16, "chunked"), (torch.bfloat16, "fused")):
+        os.environ["GRADSAE_STRATEGY"] = strategy
         for act in ("topk", "relu"):
             sae = random_sae(72, 700, act, k=40, dtype=dtype, device="cuda")
             x = torch.randn(67, 72, device="cuda", dtype=dtype)

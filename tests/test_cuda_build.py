@@ -29,6 +29,21 @@ def test_gencode_flags_cover_sm80_sm90_and_ptx():
     assert arch_names(("80", "90")) == "sm_80, sm_90, compute_90"
 
 
+def test_gencode_flags_for_sm90a(monkeypatch):
+    """The Hopper-specific target compiles SASS for sm_90a; PTX stays portable (compute_90)."""
+    import csrc.build as b
+
+    flags = gencode_flags(("90a", "90"))
+    pairs = [flags[i + 1] for i in range(0, len(flags), 2)]
+    assert pairs == ["arch=compute_90a,code=sm_90a", "arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90"]
+    assert arch_names(("90a", "90")) == "sm_90a, sm_90, compute_90"
+    monkeypatch.setenv("GRADSAE_CUDA_ARCHS", "sm_90a, 90")
+    assert b.archs() == ("90a", "90")
+    monkeypatch.setenv("GRADSAE_CUDA_ARCHS", "90aa")
+    with pytest.raises(RuntimeError):
+        b.archs()
+
+
 def test_missing_nvcc_is_a_clear_error(monkeypatch, tmp_path):
     import csrc.build as b
 
@@ -68,7 +83,7 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
     elf = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True, check=True).stdout
     ptx = subprocess.run([cuobjdump, "--list-ptx", so], capture_output=True, text=True, check=True).stdout
     cubins = sorted(re.findall(r"sm_\d+", elf))
-    assert cubins == ["sm_80", "sm_80", "sm_90", "sm_90"], elf  # encode + gather, each target
+    assert cubins == ["sm_80"] * 3 + ["sm_90"] * 3, elf  # encode, gather, stream; each target
     assert "sm_90" in ptx and "sm_80" not in ptx, ptx
     # cudart is static: no libcudart.so dependency
     deps = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
@@ -96,6 +111,12 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
             m.segment_stats(device=0, stream=0, j=0, acts=0, scores=0, m=1, stats=(0, 0))
         except ValueError as e:
             res["bad_stats"] = str(e)
+        try:
+            m.stream_topk(device=0, stream=0, p=0, p_stride=8, dtype=2, n=1, ncols=8, c0=0, bias=0, scale=0,
+                          k=40, kp=32, best=0, vec=False)
+        except ValueError as e:
+            res["bad_stream_k"] = str(e)
+        res["stream_smem"] = m.stream_topk_smem_bytes(64)
         print(json.dumps(res))
     """)
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
@@ -113,3 +134,5 @@ def test_extension_builds_for_sm80_sm90(tmp_path, record_property):
     assert res["pads"] == [32, 32, 64, 64, 128, 256, 256]
     assert "split_cols" in res["bad_split"]
     assert "k <= kp <= 256" in res["bad_k"]
+    assert "k <= kp <= 256" in res["bad_stream_k"]
+    assert res["stream_smem"] == 8 * (64 + 256) * 8  # 8 warps x (best + queue) keys

@@ -1,13 +1,15 @@
 """The Python side of the ``cuda`` backend on the CPU, with a stand-in for ``gradsae._C``.
 
 The stand-in honours the module's contract (raw pointers, strides, dtype codes; per-split
-partial results handed from ``encode_select`` to the merge kernels) with NumPy on host
-memory, so the backend's own logic runs here, driven by the op as on a GPU: the split/chunk
-plan, the per-row counts behind the op's capacity retry and CapacityError, row and column
-scales, the gather-dot arguments (strides, vector-load flag), the fused and deterministic
-statistics paths (table pointers in STATS_FIELDS order), masks and token counts. Results are
-compared with the float64 oracle and the reference backend. The real kernels are compared
-with the oracle by the gpu tests in test_cuda_backend.py.
+partial results handed from ``encode_select`` to the merge kernels; the streaming folds'
+packed keys and counts) with NumPy on host memory, so the backend's own logic runs here,
+driven by the op as on a GPU, for both encode strategies (``chunked``, the default: chunks of
+latents through torch.mm and the folds; ``fused``: the split plan and the merges): the
+per-row counts behind the op's capacity retry and CapacityError, row and column scales, the
+gather-dot arguments (strides, vector-load flag), the fused and deterministic statistics
+paths (table pointers in STATS_FIELDS order), masks and token counts. Results are compared
+with the float64 oracle and the reference backend. The real kernels are compared with the
+oracle by the gpu tests in test_cuda_backend.py and test_chunked_gpu.py.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import torch
 from oracle import assert_matches_oracle, dense_oracle, random_sae, selection_tol
 
 import gradsae
-from gradsae.backends import cuda_backend, get_backend
+from gradsae.backends import cuda_backend, cuda_stream, get_backend
 from gradsae.errors import CapacityError
-from gradsae.op import MAX_K, capacity
+from gradsae.op import MAX_K, Request, capacity
 from gradsae.stats import FIELDS, LatentStats
 
 _NP = {0: np.float32, 1: np.float16}
@@ -47,7 +49,55 @@ def _floats(ptr, code, shape, strides=None):
     return _view(ptr, _NP[code], shape, strides).astype(np.float64)
 
 
-class FakeC:
+def _keys(v: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The extension's keys: order-preserving float bits high, ~index low."""
+    u = v.astype(np.float32).view(np.uint32).astype(np.uint64)
+    o = np.where(u & 0x80000000, (~u) & 0xFFFFFFFF, u | 0x80000000)
+    return ((o << np.uint64(32)) | ((~j.astype(np.uint64)) & 0xFFFFFFFF)).astype(np.uint64)
+
+
+class FakeStream:
+    """The streaming folds of gradsae._C (``stream_topk``, ``stream_threshold``) in NumPy."""
+
+    MAX_K = 256
+    topk_pad = staticmethod(lambda k: max(32, 1 << (k - 1).bit_length()))
+    stream_topk_smem_bytes = staticmethod(lambda kp: 8 * (kp + 256) * 8)
+
+    def __init__(self):
+        self.calls = []
+
+    def _values(self, p, p_stride, dtype, n, ncols, c0, bias, scale):
+        v = _floats(p, dtype, (n, ncols), (p_stride, 1)).astype(np.float32)
+        if bias:
+            v = v + _view(bias, np.float32, (c0 + ncols,))[c0:]
+        if scale:
+            v = v * _view(scale, np.float32, (c0 + ncols,))[c0:]
+        return v.astype(np.float32)
+
+    def stream_topk(self, *, device, stream, p, p_stride, dtype, n, ncols, c0, bias, scale, k, kp, best, vec):
+        self.calls.append(("topk", dtype, c0, ncols, p_stride, vec))
+        v = self._values(p, p_stride, dtype, n, ncols, c0, bias, scale)
+        B = _view(best, np.uint64, (n, kp))
+        for r in range(n):
+            old = [int(x) for x in B[r] if x != 0]
+            new = [int(x) for x in _keys(v[r], np.arange(c0, c0 + ncols))[v[r] > 0]]
+            top = sorted(old + new, reverse=True)[:kp]
+            B[r] = np.array(top + [0] * (kp - len(top)), dtype=np.uint64)
+
+    def stream_threshold(self, *, device, stream, p, p_stride, dtype, n, ncols, c0, bias, scale, thr, cap, idx, val,
+                         counts, vec):
+        self.calls.append(("threshold", dtype, c0, ncols, p_stride, vec, cap))
+        v = self._values(p, p_stride, dtype, n, ncols, c0, bias, scale)
+        t = _view(thr, np.float32, (c0 + ncols,))[c0:]
+        I, V, C = _view(idx, np.int64, (n, cap)), _view(val, np.float32, (n, cap)), _view(counts, np.int32, (n,))
+        for r in range(n):
+            for j in np.flatnonzero(v[r] > t):
+                if C[r] < cap:
+                    I[r, C[r]], V[r, C[r]] = c0 + j, v[r, j]
+                C[r] += 1
+
+
+class FakeC(FakeStream):
     """The gradsae._C contract in NumPy; partial results are kept per ``parts`` pointer."""
 
     MAX_K = 256
@@ -55,10 +105,8 @@ class FakeC:
     STATS_FIELDS = ("count", "act_sum", "score_sum", "relu_sum", "abs_sum", "score_max")
 
     def __init__(self):
+        super().__init__()
         self.parts = {}
-        self.calls = []
-
-    topk_pad = staticmethod(lambda k: max(32, 1 << (k - 1).bit_length()))
     encode_smem_bytes = staticmethod(lambda dtype, mode, kp, tile_rows: 1024 * tile_rows)
     compiled_archs = staticmethod(lambda: "sm_80, sm_90, compute_90")
     cuda_runtime_version = staticmethod(lambda: 13000)
@@ -152,6 +200,9 @@ def fake(monkeypatch):
     monkeypatch.setattr(cuda_backend, "_lib", lib)
     monkeypatch.setattr(cuda_backend, "_on_gpu", lambda t: True)
     monkeypatch.setattr(cuda_backend, "_Launch", lambda device: types.SimpleNamespace(index=0, stream=0))
+    monkeypatch.setattr(cuda_stream, "_launch", lambda device: types.SimpleNamespace(index=0, stream=0))
+    monkeypatch.setattr(cuda_stream, "_device_ctx", lambda device: contextlib.nullcontext())
+    monkeypatch.delenv("GRADSAE_STRATEGY", raising=False)
     # the tensors stay on the CPU: let the op's dispatch hand them to the backend
     monkeypatch.setattr(cuda_backend.CudaBackend, "unsupported", lambda self, req: None)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -173,9 +224,17 @@ CASES = [
 ]
 
 
+def _encode_calls(lib, strategy):
+    return [c for c in lib.calls if c[0] in (("encode",) if strategy == "fused" else ("topk", "threshold"))]
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
 @pytest.mark.parametrize("activation,rescale,normalize,k,dtype", CASES)
-def test_influence_orchestration_matches_oracle(fake, activation, rescale, normalize, k, dtype):
+def test_influence_orchestration_matches_oracle(fake, monkeypatch, strategy, activation, rescale, normalize, k,
+                                                dtype):
     d_in, d_sae, n = 24, 700, 37
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
+    monkeypatch.setenv("GRADSAE_CHUNK_BYTES", str(n * 256 * 4))  # chunks of 256 (fp32) or 512 (bf16) latents
     sae = random_sae(d_in, d_sae, activation, k=k or 8, normalize=normalize, rescale=rescale, dtype=dtype)
     x = (torch.randn(n, d_in) * 2).to(dtype)
     g = torch.randn(n, d_in).to(dtype)
@@ -186,14 +245,41 @@ def test_influence_orchestration_matches_oracle(fake, activation, rescale, norma
     tol = 1e-4 if dtype == torch.float32 else 0.05
     set_tol = tol if dtype == torch.float32 else selection_tol(sae, x, orc)
     assert_matches_oracle(out, orc, sae, atol=tol, rtol=tol, set_tol=set_tol)
-    enc = [c for c in fake.calls if c[0] == "encode"]
-    assert enc and all(c[5] > 1 for c in enc)  # several d_sae splits planned for this GPU size
-    assert all(c[6] == 32 for c in enc)  # 64-row tiles need more shared memory than this GPU has
+    enc = _encode_calls(fake, strategy)
+    other = _encode_calls(fake, "fused" if strategy == "chunked" else "chunked")
+    assert enc and not other, "the strategy asked for runs, and only it"
+    if strategy == "fused":
+        assert all(c[5] > 1 for c in enc)  # several d_sae splits planned for this GPU size
+        assert all(c[6] == 32 for c in enc)  # 64-row tiles need more shared memory than this GPU has
+    else:
+        cols = 256 if dtype == torch.float32 else 512
+        c0s = [c[2] for c in enc]
+        passes = c0s.count(0)  # a threshold SAE may take a second pass at the exact size
+        assert c0s == list(range(0, d_sae, cols)) * passes and passes >= 1
+        assert all(c[1] == {torch.float32: 0, torch.bfloat16: 2}[dtype] for c in enc)
 
 
-def test_capacity_retry_and_error(fake, monkeypatch):
+def test_chunked_is_the_default_and_fused_needs_its_tile(fake, monkeypatch):
+    """Without an override, small inputs (nothing measured) run the default, chunked; fused
+    is offered only where its encode tile fits the GPU's shared memory."""
+    sae = random_sae(16, 300, "topk", k=5)
+    x = torch.randn(9, 16)
+    gradsae.influence(x, x, sae, backend="cuda")
+    assert _encode_calls(fake, "chunked") and not _encode_calls(fake, "fused")
+    b = get_backend("cuda")
+    req = Request(x, x, sae, 5)
+    assert b.strategies(req) == ("chunked", "fused")
+    small = types.SimpleNamespace(multi_processor_count=2, shared_memory_per_block_optin=32 * 1024 - 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: small)
+    assert b.strategies(req) == ("chunked",)  # a 32-row tile needs 32 KB in this stand-in
+
+
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
+def test_capacity_retry_and_error(fake, monkeypatch, strategy):
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
     monkeypatch.setattr(capacity, "INITIAL_CAPACITY", 3)
     monkeypatch.setattr(cuda_backend, "PARTS_BUDGET", 8 * 3 * 4 * 8)  # a few rows per chunk
+    monkeypatch.setenv("GRADSAE_CHUNK_BYTES", str(30 * 256 * 4))  # chunked: 256 latents a chunk
     sae = random_sae(16, 300, "relu", dtype=torch.float32)
     x = torch.randn(30, 16)
     g = torch.randn(30, 16)
@@ -204,8 +290,9 @@ def test_capacity_retry_and_error(fake, monkeypatch):
     a, b = out.canonical(), ref.canonical()
     assert torch.equal(a.indices, b.indices)
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
-    assert len({c[1] for c in fake.calls if c[0] == "encode"}) >= 1
-    assert any(c[3] > 3 for c in fake.calls if c[0] == "encode"), "an overflowing chunk is re-run larger"
+    caps = [c[3] for c in fake.calls if c[0] == "encode"] if strategy == "fused" else \
+        [c[6] for c in fake.calls if c[0] == "threshold"]
+    assert caps[0] == 3 and any(c > 3 for c in caps), "an overflowing first pass is re-run larger"
     with pytest.raises(CapacityError) as ours:
         gradsae.influence(x, g, sae, k=need - 1, backend="cuda")
     with pytest.raises(CapacityError) as theirs:
@@ -215,8 +302,10 @@ def test_capacity_retry_and_error(fake, monkeypatch):
     assert roomy.shape[1] == need + 2 and bool((roomy[:, need:] == -1).all())
 
 
+@pytest.mark.parametrize("strategy", ["chunked", "fused"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_accumulate_paths(fake, deterministic):
+def test_accumulate_paths(fake, monkeypatch, deterministic, strategy):
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
     d_sae = 500
     sae = random_sae(20, d_sae, "topk", k=9, normalize="layer_norm", rescale=True)
     x, g = torch.randn(45, 20) * 2, torch.randn(45, 20)
@@ -232,6 +321,7 @@ def test_accumulate_paths(fake, deterministic):
         torch.testing.assert_close(getattr(got, f), getattr(want, f), rtol=1e-5, atol=atol, msg=f)
     fused = [c for c in fake.calls if c[0] == "gather"]
     assert fused[-1][2] is (not deterministic)  # atomics only when non-deterministic
+    assert _encode_calls(fake, strategy)
 
 
 def test_gather_dot_strides_and_vector_flag(fake):

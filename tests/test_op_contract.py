@@ -205,5 +205,5 @@ def test_builtin_backends_keep_the_protocols_signatures(name):
             assert _params(getattr(cls, m)) == _params(getattr(proto, m)), (name, m)
     have = {m for m in contract.OPTIONAL if hasattr(cls, m)}
     assert have == {"reference": {"gather_dot"},
-                    "triton": {"gather_dot", "decode_sparse", "accumulate", "describe"},
-                    "cuda": {"gather_dot", "accumulate", "describe"}}[name]
+                    "triton": {"gather_dot", "decode_sparse", "accumulate", "describe", "strategies"},
+                    "cuda": {"gather_dot", "accumulate", "describe", "strategies"}}[name]

@@ -63,3 +63,32 @@ def test_auto_falls_back_to_reference_for_unsupported_dtype():
     x = torch.randn(2, 8, dtype=torch.float64, device=dev)
     out = gradsae.influence(x, x, sae64)  # served by a capable backend, no error
     assert out.K == 3
+
+
+@pytest.mark.parametrize("strategy", ["fused", "chunked"])
+@pytest.mark.parametrize("activation,k", [("topk", 5), ("jumprelu", None)])
+def test_both_strategies_through_the_op(monkeypatch, strategy, activation, k):
+    """GRADSAE_STRATEGY forces the strategy; each runs its own kernels and answers the op
+    (threshold SAEs: counts behind the capacity retry, k=None) as the float64 oracle does."""
+    from oracle import assert_matches_oracle, dense_oracle, random_inputs
+
+    from gradsae.backends import chunked, triton_backend
+    from gradsae.op import capacity
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setenv("GRADSAE_STRATEGY", strategy)
+    monkeypatch.setenv("GRADSAE_CHUNK_BYTES", str(11 * 256 * 4))  # 2 chunks of latents
+    monkeypatch.setattr(capacity, "INITIAL_CAPACITY", 2)  # a second pass at the exact size
+    ran = []
+    real = chunked.select
+    monkeypatch.setattr(triton_backend.chunked, "select", lambda req, folds: ran.append(req.k) or real(req, folds))
+    sae = random_sae(12, 400, activation, k=k or 8, rescale=True, device=dev)
+    x, g = random_inputs((11,), sae.d_in, dev)
+    out = gradsae.influence(x, g, sae, backend="triton")
+    orc = dense_oracle(sae, x, g)
+    assert_matches_oracle(out, orc, sae, atol=1e-4, rtol=1e-4)
+    assert bool(ran) == (strategy == "chunked")
+    if activation != "topk":
+        assert out.K == max(1, int((orc["z"] != 0).sum(-1).max()))
+        if strategy == "chunked":
+            assert ran[0] == 2 and (len(ran) == 1 or ran[1] == out.K)

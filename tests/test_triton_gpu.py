@@ -1,5 +1,11 @@
 """The Triton backend on a CUDA GPU at realistic shapes (compiled kernels, autotuned tiles),
-against the float64 oracle and the reference backend. Skipped without a GPU."""
+against the float64 oracle and the reference backend. Skipped without a GPU.
+
+Sized for one round of `make gpu-check` (under GRADSAE_AUTOTUNE=small every autotuned kernel
+compiles two configurations): each case below adds kernels of a new kind (dtype, KP, decoder
+scale, statistics) instead of repeating one; about 30 compiles in all. The KP=256 tier (the
+largest merge networks, the slowest compiles) carries ``kp256`` in its id, which the check
+deselects unless asked."""
 
 import pytest
 import torch
@@ -18,12 +24,11 @@ def _inputs(n, d_in, dtype, scale=2.0):
 
 
 @pytest.mark.parametrize("n,d_in,d_sae,k,rescale", [
-    (300, 768, 32768, 1, False),
-    (300, 768, 32768, 37, True),
-    (129, 2304, 16384, 64, False),
-    (64, 512, 16384, 256, True),
-    (5, 64, 1 << 21, 256, False),   # indices up to 2^21
-    (64, 8192, 4096, 32, False),    # widest d_in
+    pytest.param(300, 768, 32768, 1, True, id="k1"),
+    pytest.param(129, 2304, 16384, 64, False, id="k64"),
+    pytest.param(5, 64, 1 << 21, 64, False, id="d_sae-2e21"),   # indices up to 2^21 (the k64 kernels)
+    pytest.param(64, 8192, 4096, 37, True, id="widest-d_in"),
+    pytest.param(64, 512, 16384, 256, True, id="kp256"),
 ])
 def test_topk_fp32_matches_oracle(n, d_in, d_sae, k, rescale):
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -34,10 +39,10 @@ def test_topk_fp32_matches_oracle(n, d_in, d_sae, k, rescale):
     assert_matches_oracle(out, dense_oracle(sae, x, g), sae, atol=5e-4, rtol=5e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("activation,rescale,normalize", [
-    ("topk", False, "none"), ("topk", True, "layer_norm"), ("jumprelu", False, "none"),
-    ("relu", False, "constant_norm_rescale"),
+@pytest.mark.parametrize("dtype,activation,rescale,normalize", [
+    (torch.bfloat16, "topk", False, "none"), (torch.bfloat16, "topk", True, "layer_norm"),
+    (torch.bfloat16, "jumprelu", False, "none"), (torch.bfloat16, "relu", False, "constant_norm_rescale"),
+    (torch.float16, "topk", False, "none"),
 ])
 def test_half_precision_within_twice_reference(dtype, activation, rescale, normalize):
     d_in, d_sae, n = 2304, 16384, 200

@@ -3,10 +3,20 @@
 The module takes raw device pointers, strides, dtype codes and the current CUDA stream, so it
 builds with nvcc alone and never links libtorch. Per call:
 
-1. ``sae.preprocess`` (normalisation, ``- b_dec``) in PyTorch, then the fused encode kernel:
-   a tensor-core GEMM tile (bf16/fp16, fp32 accumulate; SIMT fp32 for fp32 weights) whose
-   epilogue keeps each row's running top-k, or compacts the latents above threshold, per
-   split of d_sae; a merge kernel combines the splits. No ``[tokens, d_sae]`` tensor exists.
+1. The encode and the selection, by one of two strategies (the op picks one per call,
+   :mod:`gradsae.op.strategy`):
+
+   - ``chunked`` (the default; docs/gpu.md says why): the vendor GEMM (``torch.mm``, cuBLAS)
+     writes the pre-activations of one chunk of latents at a time into a buffer sized by a
+     memory budget, and the streaming kernels (``stream_topk`` / ``stream_threshold``, a warp
+     per row) fold each chunk into the running top-k or threshold compaction, applying the
+     fp32 bias and decoder-norm scale (:mod:`.chunked`, :mod:`.cuda_stream`);
+   - ``fused``: ``sae.preprocess`` (normalisation, ``- b_dec``) in PyTorch, then the fused
+     encode kernel: a tensor-core GEMM tile (bf16/fp16, fp32 accumulate; SIMT fp32 for fp32
+     weights) whose epilogue keeps each row's running top-k, or compacts the latents above
+     threshold, per split of d_sae; a merge kernel combines the splits.
+
+   Neither builds a ``[tokens, d_sae]`` tensor.
 2. The gather-dot kernel ``g = row_scale * col_scale * (W_dec[idx] . grad)``, or, for
    :meth:`CudaBackend.accumulate`, the same kernel adding straight into the per-latent
    statistics tables (atomics; a sort + per-latent segment kernel when deterministic results
@@ -27,6 +37,7 @@ import torch
 from ..errors import InputError
 from ..op.contract import MAX_K, Request, Selection
 from ..stats import FIELDS
+from . import chunked, cuda_stream
 
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MODE_TOPK, MODE_THRESHOLD = 0, 1
@@ -87,10 +98,15 @@ def _aligned(*pairs) -> bool:
     return all(t.data_ptr() % 16 == 0 and stride % 8 == 0 for t, stride in pairs)
 
 
+def _smem_per_block(device) -> int | None:
+    """The shared memory a block may opt in to on ``device`` (None: torch does not say)."""
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", None)
+
+
 def _tile_rows(lib, code: int, mode: int, kp: int, device) -> int | None:
-    """Rows per encode CTA: 64 where the GPU has the shared memory for it, else 32 (None: neither)."""
-    props = torch.cuda.get_device_properties(device)
-    have = getattr(props, "shared_memory_per_block_optin", None)
+    """Rows per fused encode CTA: 64 where the GPU has the shared memory for it, else 32
+    (None: neither)."""
+    have = _smem_per_block(device)
     for rows in (64, 32):
         if have is None or lib.encode_smem_bytes(code, mode, kp, rows) <= have:
             return rows
@@ -129,16 +145,24 @@ class CudaBackend:
             return f"dtype {sae.dtype} is not supported (float32, float16, bfloat16)"
         if sae.d_sae >= 2**31 - 1 or sae.d_in >= 2**31 - 1:
             return f"d_in={sae.d_in}, d_sae={sae.d_sae}: dimensions must be below 2**31"
+        if sae.activation == "topk" and req.k > MAX_K:
+            return f"k={req.k} > {MAX_K} (the largest top-k the kernels keep per row)"
         if sae.activation == "topk":
-            if req.k > MAX_K:
-                return f"k={req.k} > {MAX_K} (the largest top-k the kernels keep per row)"
-            mode, kp = MODE_TOPK, lib.topk_pad(req.k)
-        else:
-            mode, kp = MODE_THRESHOLD, 0
-        if _tile_rows(lib, _CODES[sae.dtype], mode, kp, dev) is None:
-            need = lib.encode_smem_bytes(_CODES[sae.dtype], mode, kp, 32)
-            return f"the encode kernel needs {need} bytes of shared memory per block; this GPU allows less"
+            need, have = lib.stream_topk_smem_bytes(lib.topk_pad(req.k)), _smem_per_block(dev)
+            if have is not None and need > have:
+                return f"the streaming top-k needs {need} bytes of shared memory per block; this GPU allows {have}"
         return None
+
+    def strategies(self, req: Request) -> tuple[str, ...]:
+        """``chunked`` (the default), and ``fused`` where its encode tile fits the GPU's
+        shared memory."""
+        lib = _load()
+        sae = req.sae
+        topk = sae.activation == "topk"
+        mode, kp = (MODE_TOPK, lib.topk_pad(req.k)) if topk else (MODE_THRESHOLD, 0)
+        if _tile_rows(lib, _CODES[sae.dtype], mode, kp, req.x.device) is None:
+            return ("chunked",)
+        return ("chunked", "fused")
 
     def describe(self) -> dict:
         """Build facts for ``gradsae info``: compiled architectures, CUDA runtime version."""
@@ -153,7 +177,7 @@ class CudaBackend:
             "max_k": MAX_K,
         }
 
-    # ------------------------------------------------------------------ encode + selection
+    # ------------------------------------------------------------------ fused encode + selection
     def _plan(self, n: int, d_sae: int, tile_rows: int, slots: int, n_sm: int) -> tuple[int, int, int]:
         """(split_cols, n_splits, rows per chunk): enough CTAs to fill the GPU a few times over,
         partial results within PARTS_BUDGET."""
@@ -167,12 +191,16 @@ class CudaBackend:
         return split_cols, n_splits, rows
 
     def select(self, req: Request) -> Selection:
+        if req.strategy not in (None, "chunked", "fused"):
+            raise ValueError(f"unknown strategy {req.strategy!r}; the cuda backend has chunked and fused")
         # torch's current device follows the tensors', so both CUDA runtimes (torch's and the
         # module's static one) agree on the current context during and after the launches.
         with torch.cuda.device(req.x.device):
-            return self._select_on_device(req)
+            if req.strategy == "fused":
+                return self._fused_select(req)
+            return chunked.select(req, cuda_stream.folds(_load()))
 
-    def _select_on_device(self, req: Request) -> Selection:
+    def _fused_select(self, req: Request) -> Selection:
         lib = _load()
         sae = req.sae
         x = req.x
@@ -267,15 +295,16 @@ class CudaBackend:
         return sel
 
     # ------------------------------------------------------------------ fused statistics
-    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None) -> None:
+    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None,
+                   keep_grads: bool = False) -> torch.Tensor | None:
         """Add the influence of ``sel`` to the statistics ``tables`` without materialising
-        scores: the gather-dot kernel adds each active slot into them (atomics), or, with
-        ``req.deterministic``, the scores are sorted by latent and each latent's entries
-        reduced in input order."""
+        scores: the gather-dot kernel adds each active slot into them (atomics; with
+        ``keep_grads`` it writes the grads in the same pass), or, with ``req.deterministic``,
+        the scores are sorted by latent and each latent's entries reduced in input order."""
         with torch.cuda.device(req.x.device):
-            self._accumulate_on_device(req, sel, tables, mask)
+            return self._accumulate_on_device(req, sel, tables, mask, keep_grads)
 
-    def _accumulate_on_device(self, req: Request, sel: Selection, tables: dict, mask) -> None:
+    def _accumulate_on_device(self, req: Request, sel: Selection, tables: dict, mask, keep_grads: bool):
         lib = _load()
         sae = req.sae
         launch = _Launch(req.x.device)
@@ -294,12 +323,14 @@ class CudaBackend:
             s = s[order].contiguous()
             lib.segment_stats(device=launch.index, stream=launch.stream, j=j.data_ptr(), acts=a.data_ptr(),
                               scores=s.data_ptr(), m=j.numel(), stats=stats)
-        else:
-            args, keep = self._gather_args(sae.W_dec, idx, req.grad, sel.row_scale, sae.col_scale())
-            acts = acts.contiguous()
-            lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
-                           stats=stats, **args)
-            del keep
+            return grads if keep_grads else None
+        out = torch.empty(idx.shape, dtype=torch.float32, device=idx.device) if keep_grads else None
+        args, keep = self._gather_args(sae.W_dec, idx, req.grad, sel.row_scale, sae.col_scale())
+        acts = acts.to(torch.float32).contiguous()
+        lib.gather_dot(device=launch.index, stream=launch.stream, acts=acts.data_ptr(), mask=_ptr(mask),
+                       stats=stats, out=_ptr(out), **args)
+        del keep
+        return out
 
 
 BACKEND = CudaBackend()

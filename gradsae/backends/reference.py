@@ -69,6 +69,7 @@ def _select_topk(sae, sae_in: torch.Tensor, K: int, cols: int):
         v = torch.addmm(sae.b_enc[c0:c1], sae_in, sae.W_enc[:, c0:c1])
         if dec_norm is not None:
             v = v * dec_norm[c0:c1].to(v.dtype)
+        v.masked_fill_(torch.isnan(v), float("-inf"))  # NaN is never selected (torch.topk ranks it first)
         tv, ti = _row_topk(v, min(K, c1 - c0))
         ti = ti + c0
         if best_v is None:

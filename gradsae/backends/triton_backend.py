@@ -1,5 +1,10 @@
-"""The Triton backend: fused encode + select, gather-dot, sparse decode and fused statistics
+"""The Triton backend: encode + select, gather-dot, sparse decode and fused statistics
 (kernels in ``gradsae.kernels``).
+
+Two encode strategies (the op picks one per call, :mod:`gradsae.op.strategy`): ``fused``
+(default), the encode GEMM with the selection in its epilogue
+(:mod:`gradsae.kernels.encode_select`); ``chunked``, the vendor GEMM per chunk of latents and
+the streaming folds of :mod:`gradsae.kernels.stream_select` (:mod:`.chunked`).
 
 It serves CUDA tensors in float32 / bfloat16 / float16, and CPU tensors under
 ``TRITON_INTERPRET=1`` only when named explicitly (``backend="triton"``; the interpreter is
@@ -15,9 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..op.contract import MAX_K, Request, Selection
+from . import chunked
 
 try:
     from .. import kernels
+    from ..kernels import stream_select
     from ..kernels.tuning import interpreting
 
     _IMPORT_ERROR: str | None = None
@@ -65,30 +72,24 @@ class TritonBackend:
             return f"d_sae={sae.d_sae} > {MAX_D_SAE}"
         return None
 
-    # ------------------------------------------------------------------ helpers
-    def _encoder_input(self, sae, x: torch.Tensor):
-        """(encoder input, fp32 bias, row_scale). Without normalisation, b_dec is folded into
-        the bias in fp32, ``(x - b_dec) @ W = x @ W - b_dec @ W``, so x goes to the GEMM as is."""
-        if sae.normalize_activations == "none":
-            a = x.to(sae.dtype)
-            if sae.apply_b_dec_to_input:
-                bias = sae.cached("triton_bias", lambda: sae.b_enc.float() - sae.b_dec.float() @ sae.W_enc.float())
-            else:
-                bias = sae.cached("triton_benc", lambda: sae.b_enc.float())
-            return a, bias, None
-        a, state = sae.preprocess(x)
-        return a, sae.cached("triton_benc", lambda: sae.b_enc.float()), state.row_scale
+    def strategies(self, req: Request) -> tuple[str, ...]:
+        """``fused`` (the default) and ``chunked``: both serve every input this backend does."""
+        return ("fused", "chunked")
 
     # ------------------------------------------------------------------ the contract
     def select(self, req: Request) -> Selection:
         sae = req.sae
-        a, bias, row_scale = self._encoder_input(sae, req.x)
+        if req.strategy == "chunked":
+            return chunked.select(req, stream_select)
+        if req.strategy not in (None, "fused"):
+            raise ValueError(f"unknown strategy {req.strategy!r}; the triton backend has fused and chunked")
+        a, bias, row_scale = chunked.encoder_input(sae, req.x)
         dec_norm = sae.decoder_norm().float() if sae.rescale_acts_by_decoder_norm else None
         det = req.deterministic
         if sae.activation == "topk":
             acts, idx = kernels.encode_topk(a, sae.W_enc, bias, req.k, dec_norm, deterministic=det)
             return Selection(idx, acts, None, row_scale)
-        thr = sae.cached("triton_thr", lambda: sae.selection_threshold().float())
+        thr = sae.cached("kernel_thr", lambda: sae.selection_threshold().float())
         acts, idx, counts = kernels.encode_threshold(a, sae.W_enc, bias, thr, req.k, dec_norm, deterministic=det)
         return Selection(idx, acts, counts, row_scale)
 
@@ -112,17 +113,20 @@ class TritonBackend:
         )
         return out.reshape(*lead, sae.d_in)
 
-    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None) -> None:
+    def accumulate(self, req: Request, sel: Selection, tables: dict, mask: torch.Tensor | None,
+                   keep_grads: bool = False) -> torch.Tensor | None:
         """The influence of ``sel`` added into ``tables`` without per-token scores on the host:
-        the gather-dot adds into them with float64 atomics or, with ``req.deterministic``, the
-        scores go through a sorted segmented reduction (bitwise repeatable)."""
+        the gather-dot adds into them with float64 atomics (and writes ``grads`` in the same
+        pass with ``keep_grads``) or, with ``req.deterministic``, the scores go through a
+        sorted segmented reduction (bitwise repeatable)."""
         sae = req.sae
         if req.deterministic:
-            _, s = kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts)
+            g, s = kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts)
             kernels.accumulate_sorted(tables, sel.indices, sel.acts, s, mask)
-        else:
-            kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts,
-                               stats=tables, row_mask=mask, write=False)
+            return g if keep_grads else None
+        out = kernels.gather_dot(sae.W_dec, sel.indices, req.grad, sel.row_scale, sae.col_scale(), sel.acts,
+                                 stats=tables, row_mask=mask, write=keep_grads)
+        return out[0] if keep_grads else None
 
     def describe(self) -> dict:
         """Versions and where the kernels would run."""

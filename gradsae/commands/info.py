@@ -1,4 +1,5 @@
-"""Show gradsae's version, its dependencies, and which backends can run here (and why not)."""
+"""Show gradsae's version, its dependencies, which backends can run here (and why not), and
+the encode strategy the GPU backends run (the override and the decisions measured here)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,27 @@ def collect() -> dict:
                                else why)
         backends[name] = entry
     info["backends"] = backends
+    from gradsae.op import strategy
+
+    info["strategy"] = strategy.report()
     return info
+
+
+def _print_strategy(rep: dict) -> None:
+    from gradsae.op import strategy
+
+    forced = rep["override"]
+    print("encode strategy (fused | chunked) of the GPU backends:")
+    print(f"  {'override':13s} " + (f"GRADSAE_STRATEGY={forced}" if forced else
+                                    "none (GRADSAE_STRATEGY unset: chosen by measurement)"))
+    print(f"  {'cache':13s} {rep['cache']}" + (f"  (ignored: {rep['cache_problem']})" if rep["cache_problem"] else ""))
+    if not rep["decisions"]:
+        print("  no decisions measured yet (each shape bucket is timed on its first large call on a GPU)")
+    for key, d in rep["decisions"].items():
+        secs = d.get("seconds") or {}
+        times = ", ".join(f"{s} {secs[s] * 1e3:.3f} ms" for s in strategy.STRATEGIES if s in secs)
+        stale = "" if d["current"] else "  [other versions: measured again on next use]"
+        print(f"  {key}: {d['strategy']} ({times}){stale}")
 
 
 def run(args) -> int:
@@ -64,11 +85,12 @@ def run(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for k, v in info.items():
-        if k != "backends":
+        if k not in ("backends", "strategy"):
             print(f"{k:15s} {v}")
     print("backends (priority order):")
     for name, e in info["backends"].items():
         state = "yes" if e["available"] else f"no: {e['reason']}"
         extra = {k: v for k, v in e.items() if k not in ("available", "reason")}
         print(f"  {name:10s} {state}" + (f"  {extra}" if extra else ""))
+    _print_strategy(info["strategy"])
     return 0

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import GradSAEError, InputError
 from ..model import objectives as _obj
+from ..op import fused_backend
 from ..stats import LatentStats
 from . import distributed as D
 from . import preflight, resume
@@ -287,6 +288,9 @@ class CorpusRun:
             "tokenizer": type(tok).__name__ + ":" + str(getattr(tok, "name_or_path", "")),
         }
         self.stats = LatentStats(self.sae.d_sae, device=dev)
+        # where a kernel backend serves, each batch's backward feeds its statistics straight
+        # into per-batch tables (fused into the gather-dot), merged when the batch commits
+        self.fused_stats = fused_backend(self.sae, dev, cfg.backend) is not None
         self.examples = TopExamples(self.sae.d_sae, cfg.top_n, cfg.context, device=dev)
         self.state = RunState(config=self.record, rank=ctx.rank, world_size=ctx.world_size)
         self.fp = Fingerprint()
@@ -350,14 +354,19 @@ class CorpusRun:
                     bar.update(max(0, int(batch.doc_ids[-1]) + 1 - bar.n))
                     mine = batch.index % ctx.world_size == ctx.rank
                     if mine:
+                        sink = LatentStats(self.sae.d_sae, device=dev) if self.fused_stats else None
                         with amp_ctx():
                             att = self.scorer.attribute(batch.input_ids.to(dev), batch.attention_mask.to(dev),
-                                                        objective=cfg.objective, **obj_kw)
+                                                        objective=cfg.objective, stats=sink,
+                                                        deterministic=cfg.deterministic, **obj_kw)
                     nxt = next(it, None)  # read on before committing: its cursor is the next ``at``
                     with guard.critical():
                         consistent = False
                         if mine:
-                            self.stats.update(att.influence, att.mask, deterministic=cfg.deterministic)
+                            if sink is not None:
+                                self.stats.merge(sink)
+                            else:
+                                self.stats.update(att.influence, att.mask, deterministic=cfg.deterministic)
                             self.examples.update(att.influence, att.mask, batch.input_ids, batch.attention_mask,
                                                  batch.doc_ids, batch.offsets)
                             del att

@@ -163,7 +163,8 @@ class GradSAE:
 
     # ------------------------------------------------------------------ attribution
     def attribute(self, input_ids, attention_mask=None, objective="loss", position: int = -1,
-                  keep_logits: bool = False, **objective_kwargs) -> Attribution:
+                  keep_logits: bool = False, stats=None, deterministic: bool = False,
+                  **objective_kwargs) -> Attribution:
         """Per-token influence of the active latents for a whole batch: one forward, one backward.
 
         ``objective``: ``"loss"`` (default), ``"predicted_prob"``, ``"logprob"`` (``target=``),
@@ -175,9 +176,14 @@ class GradSAE:
         objective never forms the ``[B, T, vocab]`` logits: the head runs at the one position
         it needs, or the loss runs in chunks of positions. ``keep_logits=True`` runs the model's
         own forward instead and returns its logits in :attr:`Attribution.logits`.
+
+        ``stats``: a :class:`~gradsae.LatentStats` the backward also adds the batch's influence
+        into (real tokens only), fused into the gather-dot where a kernel backend serves
+        (:meth:`Splice.recording`); ``deterministic``: bitwise repeatable sums there.
         """
         ids, mask = self.encode_batch(input_ids, attention_mask)
-        recording = self.splice.recording(mask=mask, last_index=_obj.bounds(mask)[1], device=self.device)
+        recording = self.splice.recording(mask=mask, last_index=_obj.bounds(mask)[1], device=self.device,
+                                          stats=stats, deterministic=deterministic)
         with self._frozen(), recording as rec, torch.enable_grad():
             head = None if keep_logits or callable(objective) else split_head(self.model)
             if head is not None:

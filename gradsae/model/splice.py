@@ -9,7 +9,9 @@ Forward, for the hook's tensor ``h`` ``[B, T, d_in]``:
                                                         #   model's forward is unchanged
 
 Backward, given ``D = dY/d out``: ``influence_at(idx, acts, D, sae)`` (the gather-dot
-``W_dec[idx] . D``, no second encode, no dense ``[tokens, d_sae]`` gradient) is recorded, and
+``W_dec[idx] . D``, no second encode, no dense ``[tokens, d_sae]`` gradient) is recorded
+(with a statistics sink, ``accumulate_at``: the same gather-dot also adds into the sink's
+per-latent tables, in one pass where a kernel backend serves), and
 nothing flows below the hook: the function's only differentiable input is a scalar *anchor*
 that requires grad, so the graph starts at the hook. In error mode the same holds: the
 (detached) error term carries no gradient, the h path is cut, and dY/dz is the same
@@ -33,7 +35,8 @@ from typing import Iterator
 import torch
 
 from ..errors import InputError
-from ..op import Influence, decode_sparse, encode_sparse, influence_at
+from ..op import Influence, accumulate_at, decode_sparse, encode_sparse, influence_at
+from ..stats import LatentStats
 
 MODES = ("splice", "error")
 
@@ -49,10 +52,14 @@ class _Entry:
 @dataclass
 class Recorder:
     """Collects, per forward through the hook, the active set and (after backward) its
-    :class:`Influence`. ``anchor`` is the scalar leaf the spliced output hangs from."""
+    :class:`Influence`. ``anchor`` is the scalar leaf the spliced output hangs from. With
+    ``stats``, every backward also adds its influence (rows of ``mask``) into it."""
 
     anchor: torch.Tensor = field(default_factory=lambda: torch.zeros((), requires_grad=True))
     entries: list = field(default_factory=list)
+    stats: LatentStats | None = None
+    mask: torch.Tensor | None = None
+    deterministic: bool = False
 
     @property
     def influences(self) -> list[Influence]:
@@ -68,13 +75,19 @@ class _SpliceFn(torch.autograd.Function):
         splice._recorder.entries.append(entry)
         ctx.entry = entry
         ctx.splice = splice
+        ctx.rec = splice._recorder
         return out
 
     @staticmethod
     def backward(ctx, D):
-        sp, e = ctx.splice, ctx.entry
+        sp, e, rec = ctx.splice, ctx.entry, ctx.rec
         sae = sp.sae
-        e.influence = influence_at(e.idx, e.acts, D.to(sae.dtype), sae, x=e.x, backend=sp.backend)
+        if rec.stats is None:
+            e.influence = influence_at(e.idx, e.acts, D.to(sae.dtype), sae, x=e.x, backend=sp.backend)
+        else:
+            mask = rec.mask if rec.mask is not None and rec.mask.shape == e.idx.shape[:-1] else None
+            e.influence = accumulate_at(e.idx, e.acts, D.to(sae.dtype), sae, rec.stats, mask, x=e.x,
+                                        backend=sp.backend, deterministic=rec.deterministic)
         return None, None, None
 
 
@@ -144,15 +157,19 @@ class Splice:
 
     @contextmanager
     def recording(self, mask: torch.Tensor | None = None, last_index: torch.Tensor | None = None,
-                  device=None) -> Iterator[Recorder]:
+                  device=None, stats: LatentStats | None = None, deterministic: bool = False) -> Iterator[Recorder]:
         """Attach the splice and record every forward through it (with grad enabled) for
         attribution: the yielded :class:`Recorder` collects each forward's active set and,
         after backward, its :class:`Influence`.
 
         ``mask`` (``[B, T]`` bool or None) marks the real tokens of the batch; ``last_index``
         (``[B]`` or None = T-1) the last real position of each row, where interventions limited
-        to the last position apply; ``device`` that of the anchor (the model's)."""
-        rec = Recorder(anchor=torch.zeros((), device=device, requires_grad=True))
+        to the last position apply; ``device`` that of the anchor (the model's). ``stats``: a
+        :class:`LatentStats` sink that every backward adds its influence into (the rows of
+        ``mask``), fused into the gather-dot where a kernel backend serves
+        (:func:`gradsae.op.accumulate_at`); ``deterministic``: bitwise repeatable sums there."""
+        rec = Recorder(anchor=torch.zeros((), device=device, requires_grad=True), stats=stats, mask=mask,
+                       deterministic=deterministic)
         saved = (self._recorder, self._mask, self._last_index)
         self._recorder, self._mask, self._last_index = rec, mask, last_index
         self.attach()

@@ -2,11 +2,14 @@
 
 - :mod:`.api`: :func:`influence`, :func:`encode_sparse`, :func:`influence_at`,
   :func:`decode_sparse`, the :class:`Influence` result, and the input checks;
-- :mod:`.accumulate`: :func:`accumulate_influence` (influence straight into LatentStats);
+- :mod:`.accumulate`: :func:`accumulate_influence` and :func:`accumulate_at` (influence
+  straight into LatentStats; the second for a spliced model's backward);
 - :mod:`.contract`: :class:`Request`, :class:`Selection`, the :class:`Backend` protocol and
   its optional parts;
 - :mod:`.dispatch`: the :data:`PRIORITY` list and the choice of a backend per call;
-- :mod:`.capacity`: how many slots a row of a threshold SAE gets.
+- :mod:`.capacity`: how many slots a row of a threshold SAE gets;
+- :mod:`.strategy`: which encode strategy (``fused`` / ``chunked``) a backend that offers
+  several runs, by measurement cached on disk or ``GRADSAE_STRATEGY``.
 
 The backends (:mod:`gradsae.backends`) sit above this package and implement the contract;
 the dispatcher loads them by name. Importing this package also serves
@@ -14,9 +17,21 @@ the dispatcher loads them by name. Importing this package also serves
 """
 
 from .. import sae as _sae
-from .accumulate import accumulate_influence
+from .accumulate import accumulate_at, accumulate_influence, fused_backend
 from .capacity import INITIAL_CAPACITY
-from .contract import MAX_K, Accumulate, Backend, Describe, GatherDot, Request, Selection, SparseDecode, acc_dtype
+from .contract import (
+    MAX_K,
+    STRATEGIES,
+    Accumulate,
+    Backend,
+    Describe,
+    GatherDot,
+    Request,
+    Selection,
+    SparseDecode,
+    Strategies,
+    acc_dtype,
+)
 from .dispatch import (
     PRIORITY,
     available_backends,
@@ -38,6 +53,8 @@ __all__ = [
     "Describe",
     "GatherDot",
     "SparseDecode",
+    "STRATEGIES",
+    "Strategies",
     "INITIAL_CAPACITY",
     "Influence",
     "MAX_K",
@@ -45,6 +62,7 @@ __all__ = [
     "Request",
     "Selection",
     "acc_dtype",
+    "accumulate_at",
     "accumulate_influence",
     "as_sae",
     "available_backends",
@@ -53,6 +71,7 @@ __all__ = [
     "decode_sparse",
     "encode_sparse",
     "explain",
+    "fused_backend",
     "get_backend",
     "influence",
     "influence_at",

@@ -30,6 +30,7 @@ from ..sae import SAE
 from .capacity import run_sized
 from .contract import Request, Selection, acc_dtype
 from .dispatch import choose_backend, choose_optional, get_backend
+from .strategy import choose as choose_strategy
 
 
 @dataclass
@@ -238,6 +239,7 @@ def influence(
         return Influence(idx, z, z.clone(), z.clone(), p.sae.d_sae)
     req = p.request(backend, deterministic)
     b = choose_backend(req, backend)
+    req = choose_strategy(b, req)
     return Influence.from_selection(run_sized(b.influence, req), p.lead, p.sae.d_sae)
 
 
@@ -248,9 +250,21 @@ def encode_sparse(x: torch.Tensor, sae, k: int | None = None, backend: str = "au
     if p.x.shape[0] == 0:
         return p.empty()
     req = p.request(backend)
-    sel = run_sized(choose_backend(req, backend).select, req)
+    b = choose_backend(req, backend)
+    sel = run_sized(b.select, choose_strategy(b, req))
     shape = (*p.lead, sel.K)
     return sel.indices.reshape(shape), sel.acts.reshape(shape)
+
+
+def check_at(indices: torch.Tensor, acts: torch.Tensor, grad: torch.Tensor, sae: SAE) -> None:
+    """Check the inputs of :func:`influence_at`: ``grad`` a tensor for ``sae``, and the three
+    of them sharing their leading dimensions."""
+    _check_tensor("grad", grad, sae)
+    if indices.shape[:-1] != grad.shape[:-1] or acts.shape != indices.shape:
+        raise InputError(
+            f"indices {tuple(indices.shape)}, acts {tuple(acts.shape)} and grad {tuple(grad.shape)} "
+            "must share their leading dimensions"
+        )
 
 
 def influence_at(
@@ -273,12 +287,7 @@ def influence_at(
             reference's).
     """
     sae = as_sae(sae)
-    _check_tensor("grad", grad, sae)
-    if indices.shape[:-1] != grad.shape[:-1] or acts.shape != indices.shape:
-        raise InputError(
-            f"indices {tuple(indices.shape)}, acts {tuple(acts.shape)} and grad {tuple(grad.shape)} "
-            "must share their leading dimensions"
-        )
+    check_at(indices, acts, grad, sae)
     K = indices.shape[-1]
     idx2 = indices.reshape(-1, K)
     d2 = grad.detach().reshape(-1, sae.d_in)

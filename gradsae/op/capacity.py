@@ -36,13 +36,19 @@ def capacity_error(row: int, fullest: int, k: int) -> CapacityError:
     )
 
 
+def first_slots(req: Request) -> int:
+    """The slots of the first (often only) backend call for ``req``: the top-k, the
+    capacity given, or :data:`INITIAL_CAPACITY` (at most ``d_sae``) for ``k=None``."""
+    return req.k if req.k is not None else min(req.sae.d_sae, INITIAL_CAPACITY)
+
+
 def run_sized(run: Callable[[Request], Selection], req: Request) -> Selection:
     """``run(req)`` (a backend's ``select`` or ``influence``) with the slots sized by the
     policy above. ``req.k`` is the user's: the top-k, a capacity, or None."""
     sae = req.sae
     if sae.activation == "topk":
         return run(req)
-    cap = req.k if req.k is not None else min(sae.d_sae, INITIAL_CAPACITY)
+    cap = first_slots(req)
     sel = run(replace(req, k=cap))
     fullest = int(sel.counts.max()) if sel.counts.numel() else 0
     if fullest > cap:

@@ -1,7 +1,7 @@
 """The contract between the influence op and its backends: what a backend is asked
 (:class:`Request`), what it answers (:class:`Selection`), and the methods it has
 (:class:`Backend`, and the optional :class:`GatherDot`, :class:`SparseDecode`,
-:class:`Accumulate`, :class:`Describe`).
+:class:`Accumulate`, :class:`Describe`, :class:`Strategies`).
 
 The op (:mod:`gradsae.op.api`) checks and flattens the user's inputs, picks a backend
 (:mod:`gradsae.op.dispatch`), sizes the output of threshold SAEs
@@ -21,6 +21,12 @@ import torch
 # row are sized for it). The Triton kernels import it; csrc/select.cuh's kMaxK must equal it
 # (the cuda backend refuses a module built with another, and a test compares the sources).
 MAX_K = 256
+
+# The encode strategies a GPU backend may offer (:class:`Strategies`): ``fused``, the encode
+# GEMM with the selection in its epilogue; ``chunked``, the vendor GEMM per chunk of latents
+# and a streaming selection pass per chunk. The op picks one per call
+# (:mod:`gradsae.op.strategy`).
+STRATEGIES = ("fused", "chunked")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,6 +50,8 @@ class Request:
     explicit: the caller named this backend (backends that are slow but correct, such as the
        Triton interpreter, serve only explicit requests).
     deterministic: results must not depend on scheduling (bitwise reproducible).
+    strategy: the encode strategy the op chose for a backend that offers several
+       (:class:`Strategies`); None for other backends, and means the backend's default.
     """
 
     x: torch.Tensor
@@ -52,6 +60,7 @@ class Request:
     k: int | None
     explicit: bool = False
     deterministic: bool = False
+    strategy: str | None = None
 
     @property
     def n(self) -> int:
@@ -145,13 +154,16 @@ class Accumulate(Protocol):
     """Optional: a fused statistics update."""
 
     def accumulate(self, req: Request, sel: Selection, tables: dict[str, torch.Tensor],
-                   mask: torch.Tensor | None) -> None:
-        """Add the influence of the slots of ``sel`` (a :meth:`Backend.select` answer for
-        ``req``) to per-latent ``tables`` without returning per-token scores: ``tables`` maps
-        every name of :data:`gradsae.stats.FIELDS` to a contiguous ``[d_sae]`` tensor on
-        ``req``'s device (int64 ``count``, float64 sums and max). ``mask`` ``[N]`` bool selects
-        the rows that count (None: all). With ``req.deterministic`` the sums must be bitwise
-        repeatable. The op counts tokens."""
+                   mask: torch.Tensor | None, keep_grads: bool = False) -> torch.Tensor | None:
+        """Add the influence of the slots of ``sel`` (its ``indices``, float32 ``acts`` and
+        ``row_scale``, e.g. a :meth:`Backend.select` answer for ``req``) to per-latent
+        ``tables`` without returning per-token scores: ``tables`` maps every name of
+        :data:`gradsae.stats.FIELDS` to a contiguous ``[d_sae]`` tensor on ``req``'s device
+        (int64 ``count``, float64 sums and max). ``mask`` ``[N]`` bool selects the rows that
+        count (None: all). With ``req.deterministic`` the sums must be bitwise repeatable. The
+        op counts tokens. Returns None, or with ``keep_grads`` the ``grads`` ``[N, K]`` of
+        every slot (float32, 0 in empty slots) from the same pass (the spliced model's
+        backward needs both)."""
 
 
 class Describe(Protocol):
@@ -161,10 +173,22 @@ class Describe(Protocol):
         """Versions, compiled architectures, limits."""
 
 
+class Strategies(Protocol):
+    """Optional: several ways to compute the same selection (:data:`STRATEGIES`)."""
+
+    def strategies(self, req: Request) -> tuple[str, ...]:
+        """The encode strategies that can serve ``req`` (a subset of :data:`STRATEGIES`),
+        the backend's default first. :meth:`Backend.select` and :meth:`Backend.influence`
+        then run ``req.strategy`` (the default when it is None); the op chooses which
+        (:mod:`gradsae.op.strategy`: an override, a measurement cached on disk, else the
+        default)."""
+
+
 REQUIRED = ("name", "unsupported", "select", "influence")
 OPTIONAL: dict[str, type] = {
     "gather_dot": GatherDot,
     "decode_sparse": SparseDecode,
     "accumulate": Accumulate,
     "describe": Describe,
+    "strategies": Strategies,
 }
