@@ -134,7 +134,7 @@ def encoder_backward(sae, idx: torch.Tensor, acts: torch.Tensor, grads: torch.Te
     for a in range(0, idx2.shape[0], rows):
         jj = j[a:a + rows]
         cols = sae.W_enc.index_select(1, jj.reshape(-1)).view(sae.d_in, jj.shape[0], K)
-        out[a:a + rows] = torch.einsum("dnk,nk->nd", cols, w[a:a + rows])
+        out[a:a + rows] = (cols * w[a:a + rows]).sum(-1).T
     xd = x.reshape(-1, sae.d_in).detach().to(sae.dtype)
     if sae.normalize_activations == "constant_norm_rescale":
         out = out * (math.sqrt(sae.d_in) / xd.norm(dim=-1).clamp_min(torch.finfo(xd.dtype).tiny)).unsqueeze(-1)
