@@ -6,6 +6,14 @@
 Writes latents.parquet (one row per latent: statistics and top examples), stats.safetensors,
 examples.safetensors, report.png (with matplotlib) and meta.json into --out.
 
+Several SAEs in one forward and backward per batch: repeat --sae (and --hook, one per --sae,
+in the same order; without --hook each SAE's own hook_name):
+
+    gradsae score --model gpt2 --sae ./sae3 --hook blocks.3.hook_resid_post \
+                  --sae ./sae6 --hook blocks.6.hook_resid_post --data corpus.jsonl --out runs/l3-l6
+
+Each hook's files go to --out/hooks/<hook>/, with one meta.json for the run in --out.
+
 The sign: the default objective Y is the log-likelihood of the actual next token (loglik), so
 a positive influence means the latent helps the model predict the text; --objective loss
 flips it. meta.json says which.
@@ -30,9 +38,12 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("model and SAE")
     g.add_argument("--model", required=True, help="transformers model directory or hub id")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: --model)")
-    g.add_argument("--sae", required=True, help="SAE directory or file (any format gradsae.load_sae reads)")
-    g.add_argument("--hook", default=None,
-                   help="hook name or module path (default: the SAE's hook_name; another hook gives a warning)")
+    g.add_argument("--sae", required=True, action="append",
+                   help="SAE directory or file (any format gradsae.load_sae reads); repeat it to score several "
+                        "SAEs in one pass")
+    g.add_argument("--hook", default=None, action="append",
+                   help="hook name or module path (default: the SAE's hook_name; another hook gives a warning); "
+                        "with several --sae, one --hook per --sae in the same order")
     g.add_argument("--mode", choices=("splice", "error"), default="splice",
                    help="splice: the model runs on the SAE's reconstruction (default, the paper); "
                         "error: the reconstruction error is added back, so the model's output is unchanged")
@@ -75,12 +86,27 @@ def config_from_args(args, objective_kwargs: dict | None = None, device: str | N
     from ..corpus import RunConfig
 
     return RunConfig(
-        hook=args.hook, objective=args.objective, objective_kwargs=objective_kwargs or {}, mode=args.mode,
+        hook=hooks_of(args), objective=args.objective, objective_kwargs=objective_kwargs or {}, mode=args.mode,
         max_length=args.max_length, long=args.long, batch_tokens=args.batch_tokens, top_n=args.top_n,
         context=args.context, autocast="bf16" if args.bf16 else None, backend=args.backend, field=args.field,
         format=args.format, split=args.split, encoding_errors=args.encoding_errors, out=args.out, device=device,
         checkpoint_every=args.checkpoint_every, checkpoint_interval=args.checkpoint_interval, resume=args.resume,
         overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def hooks_of(args):
+    """``--hook`` as :class:`RunConfig` takes it: one hook or None for one ``--sae``, a list
+    (one per ``--sae``) or None for several."""
+    from ..errors import InputError
+
+    saes = args.sae if isinstance(args.sae, list) else [args.sae]
+    hooks = args.hook if isinstance(args.hook, list) or args.hook is None else [args.hook]
+    if hooks is not None and len(hooks) != len(saes):
+        raise InputError(f"{len(saes)} --sae need one --hook each (or no --hook: each SAE's own hook_name); "
+                         f"got {len(hooks)} --hook")
+    if len(saes) == 1:
+        return hooks[0] if hooks else None
+    return hooks
 
 
 def run(args) -> int:
@@ -105,8 +131,12 @@ def run(args) -> int:
     check_source(args.model, "--model")
     if args.tokenizer:
         check_source(args.tokenizer, "--tokenizer", "tokenizer")
-    sae = load_sae_arg(args.sae, device)
-    sae_hook(sae, args.hook)
+    paths = args.sae if isinstance(args.sae, list) else [args.sae]
+    hooks = hooks_of(args)
+    saes = [load_sae_arg(p, device) for p in paths]
+    for sv, h in zip(saes, hooks if isinstance(hooks, list) else [hooks] * len(saes)):
+        sae_hook(sv, h)
+    sae = saes[0] if len(saes) == 1 else saes
     with quiet_loading(args.no_progress):
         tok = load_tokenizer(args.tokenizer or args.model, "--tokenizer" if args.tokenizer else "--model")
         cfg = config_from_args(args, objective_kwargs(args, tok), device)

@@ -17,7 +17,7 @@ from .config import RunConfig
 from .data import Corpus, open_corpus
 from .examples import TopExamples
 from .resume import RunInterrupted, RunIOError
-from .run import CorpusResult, run_corpus, score_corpus
+from .run import CorpusResult, HookResult, run_corpus, score_corpus
 
-__all__ = ["score_corpus", "run_corpus", "RunConfig", "CorpusResult", "TopExamples", "open_corpus", "Corpus",
+__all__ = ["score_corpus", "run_corpus", "RunConfig", "CorpusResult", "HookResult", "TopExamples", "open_corpus", "Corpus",
            "RunInterrupted", "RunIOError"]

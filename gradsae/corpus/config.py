@@ -44,7 +44,7 @@ class RunConfig:
     :func:`gradsae.score_corpus` for the meaning of each field)."""
 
     # what is computed
-    hook: str | None = None
+    hook: str | None | tuple = None  # a run with several SAEs: one hook (or None) per SAE
     objective: Union[str, Callable] = DEFAULT_OBJECTIVE
     objective_kwargs: Mapping[str, Any] = field(default_factory=dict)
     mode: str = "splice"
@@ -79,6 +79,15 @@ class RunConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen
         set_("objective_kwargs", dict(self.objective_kwargs or {}))
+        if isinstance(self.hook, (list, tuple)):
+            if not self.hook:
+                raise InputError("hook: an empty list of hooks; pass one hook (or None) per SAE")
+            bad = [h for h in self.hook if h is not None and (not isinstance(h, str) or not h)]
+            if bad:
+                raise InputError(f"hook: every hook must be a non-empty string or None, got {bad[0]!r}")
+            set_("hook", tuple(self.hook))
+        elif self.hook is not None and (not isinstance(self.hook, str) or not self.hook):
+            raise InputError(f"hook must be a non-empty string, a list of them (one per SAE) or None, got {self.hook!r}")
         if self.out is not None:
             set_("out", Path(self.out))
         if self.device is not None:
@@ -152,6 +161,8 @@ class RunConfig:
                 v = self.objective_name
             elif f.name == "objective_kwargs":
                 v = {k: repr(x) for k, x in sorted(v.items())}
+            elif f.name == "hook" and isinstance(v, tuple):
+                v = list(v)
             out[f.name] = v
         return out
 

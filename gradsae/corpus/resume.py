@@ -42,6 +42,14 @@ from .report import OUTPUT_FILES, read_meta
 
 FORMAT = "gradsae.corpus.checkpoint"
 VERSION = 2
+# A run with several SAEs writes each hook's outputs under <out>/hooks/<hook dir>/.
+HOOKS_DIR = "hooks"
+
+
+def hook_dir(hook: str) -> str:
+    """The directory name of ``hook``'s outputs under ``hooks/`` (the hook name, with path
+    separators replaced)."""
+    return hook.replace("/", "_").replace("\\", "_")
 
 
 class RunIOError(GradSAEError, OSError):
@@ -78,7 +86,7 @@ def check_out_dir(out, rank: int, world_size: int, resume: bool, overwrite: bool
     meta = read_meta(out)
     ck_dir = out / "checkpoint"
     ckpts = sorted(ck_dir.glob("rank*.safetensors")) if ck_dir.is_dir() else []
-    ours = set(OUTPUT_FILES) | {"checkpoint"}
+    ours = set(OUTPUT_FILES) | {"checkpoint", HOOKS_DIR}
     foreign = [p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith(".")]
     if foreign:
         raise InputError(f"output directory {out} holds files that are not from a gradsae run "
@@ -144,11 +152,14 @@ def clear(out) -> None:
 
 
 def remove_outputs(out) -> None:
-    """Remove the output files (a set written only in part is no result)."""
+    """Remove the output files (a set written only in part is no result), the per-hook
+    outputs of a run with several SAEs included."""
     for name in OUTPUT_FILES:
         p = Path(out) / name
         if p.is_file():
             p.unlink()
+    if (Path(out) / HOOKS_DIR).is_dir():
+        shutil.rmtree(Path(out) / HOOKS_DIR)
 
 
 def drop_leftovers(out) -> None:
@@ -160,6 +171,8 @@ def drop_leftovers(out) -> None:
         shutil.rmtree(out / "checkpoint")
     for name in OUTPUT_FILES:
         for p in out.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+        for p in out.glob(f"{HOOKS_DIR}/*/.{name}.*.tmp"):
             p.unlink(missing_ok=True)
 
 
@@ -263,17 +276,41 @@ class RunState:
         return cls(**known)
 
 
-def save_checkpoint(path, stats: LatentStats, examples: TopExamples, state: RunState) -> None:
-    """Write one rank's checkpoint atomically."""
-    tensors = {"stats." + k: v.detach().cpu().contiguous() for k, v in stats.to_dict().items()}
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()})
+def save_checkpoint(path, stats, examples, state: RunState) -> None:
+    """Write one rank's checkpoint atomically. ``stats`` and ``examples``: a
+    :class:`LatentStats` and a :class:`TopExamples`, or (a run with several SAEs) ``{hook:
+    LatentStats}`` and ``{hook: TopExamples}``, stored under ``h<i>.`` prefixes with the hooks
+    in the state."""
+    extra = {}
+    if isinstance(stats, dict):
+        hooks = list(stats)
+        tensors = {}
+        for i, h in enumerate(hooks):
+            tensors.update({f"h{i}.stats." + k: v.detach().cpu().contiguous() for k, v in stats[h].to_dict().items()})
+            tensors.update({f"h{i}." + k: v.detach().cpu().contiguous() for k, v in examples[h].to_dict().items()})
+        extra = {"hooks": hooks, "tokens": stats[hooks[0]].tokens}
+    else:
+        tensors = {"stats." + k: v.detach().cpu().contiguous() for k, v in stats.to_dict().items()}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()})
+        extra = {"tokens": stats.tokens}
     meta = {"format": FORMAT, "version": str(VERSION),
-            "state": json.dumps({**state.to_json(), "tokens": stats.tokens}, sort_keys=True)}
+            "state": json.dumps({**state.to_json(), **extra}, sort_keys=True)}
     atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, meta))
 
 
-def load_checkpoint(path, device="cpu") -> tuple[LatentStats, TopExamples, RunState]:
-    """Read a checkpoint written by :func:`save_checkpoint`: ``(stats, examples, state)``."""
+def _unpack(tensors: dict, prefix: str, tokens: int, device) -> tuple[LatentStats, TopExamples]:
+    d_sae = tensors[prefix + "stats.count"].shape[0]
+    stats = LatentStats(d_sae, device=device, dtype=tensors[prefix + "stats.act_sum"].dtype)
+    stats.tokens = int(tokens)
+    for k in FIELDS:
+        setattr(stats, k, tensors[prefix + "stats." + k].to(device))
+    ex = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not k.startswith(prefix + "stats.")}
+    return stats, TopExamples.from_dict(ex, device=device)
+
+
+def load_checkpoint(path, device="cpu") -> tuple:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(stats, examples, state)``
+    (for a run with several SAEs, ``stats`` and ``examples`` are ``{hook: ...}``)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -289,12 +326,14 @@ def load_checkpoint(path, device="cpu") -> tuple[LatentStats, TopExamples, RunSt
         raise InputError(f"{path}: a checkpoint of another gradsae version (format {meta.get('version')}, "
                          f"this one reads {VERSION}); start over with overwrite=True (CLI: --overwrite)")
     raw = json.loads(meta["state"])
-    d_sae = tensors["stats.count"].shape[0]
-    stats = LatentStats(d_sae, device=device, dtype=tensors["stats.act_sum"].dtype)
-    stats.tokens = int(raw["tokens"])
-    for k in FIELDS:
-        setattr(stats, k, tensors["stats." + k].to(device))
-    examples = TopExamples.from_dict(tensors, device=device)
+    try:
+        if "hooks" in raw:
+            parts = {h: _unpack(tensors, f"h{i}.", raw["tokens"], device) for i, h in enumerate(raw["hooks"])}
+            return ({h: p[0] for h, p in parts.items()}, {h: p[1] for h, p in parts.items()},
+                    RunState.from_json(raw))
+        stats, examples = _unpack(tensors, "", raw["tokens"], device)
+    except KeyError as e:
+        raise InputError(f"{path}: an incomplete checkpoint (no {e.args[0]!r})") from None
     return stats, examples, RunState.from_json(raw)
 
 
@@ -356,7 +395,7 @@ class Checkpointer:
 
 
 __all__ = [
-    "Checkpointer", "Fingerprint", "RunIOError", "RunInterrupted", "RunState", "check_out_dir", "checkpoint_path",
+    "Checkpointer", "Fingerprint", "HOOKS_DIR", "hook_dir", "RunIOError", "RunInterrupted", "RunState", "check_out_dir", "checkpoint_path",
     "clear", "config_diff", "drop_leftovers", "load_checkpoint", "probe_writable", "remove_outputs", "restore",
     "save_checkpoint",
 ]

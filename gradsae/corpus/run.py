@@ -11,11 +11,19 @@ before the first batch (settings, device, sequence length, hook, output director
 run's checkpoint and data) and writes nothing; ``loop`` scores the batches, writing
 checkpoints, and on Ctrl-C or an I/O error writes one of the batches done so far before it
 stops; ``finish`` reduces over processes and writes the outputs.
+
+Several SAEs in one run (``sae`` a list or a ``{hook: sae}`` mapping): one forward and one
+backward per batch give every SAE's influence (:class:`gradsae.GradSAE` with several SAEs),
+and each hook gets its own statistics and top examples, written under
+``<out>/hooks/<hook>/`` (the same files as a single-SAE run, but ``meta.json``), with one
+``meta.json`` for the run at ``<out>``. Checkpoints hold every hook's tables in one file per
+rank, so resuming and torchrun work as for one SAE.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import signal
 import sys
@@ -28,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GradSAEError, InputError
+from ..fsutil import atomic_write, atomic_write_text
 from ..model import objectives as _obj
 from ..op import fused_backend
 from ..stats import LatentStats
@@ -37,7 +46,7 @@ from .batching import Cursor, make_batches
 from .config import AUTOCAST, DEFAULT_OBJECTIVE, RunConfig
 from .data import Corpus, open_corpus
 from .examples import TopExamples
-from .report import OUTPUT_FILES, plot_unavailable, write_outputs
+from .report import OUTPUT_FILES, latents_arrow, plot_unavailable, write_outputs, write_parquet, write_report_png
 from .resume import Checkpointer, Fingerprint, RunInterrupted, RunIOError, RunState
 
 RESUME_HINT = "resume=True (CLI: --resume)"
@@ -47,11 +56,23 @@ RESUME_HINT = "resume=True (CLI: --resume)"
 class CorpusResult:
     """What :func:`score_corpus` returns: ``stats`` (:class:`LatentStats`, reduced over all
     ranks), ``examples`` (:class:`TopExamples`), ``meta`` (the content of ``meta.json``) and
-    ``out`` (the output directory, or None)."""
+    ``out`` (the output directory, or None). A run with several SAEs: ``hooks`` maps each hook
+    to its :class:`HookResult`; ``stats`` and ``examples`` are the first hook's."""
 
     stats: LatentStats
     examples: TopExamples
     meta: dict = field(default_factory=dict)
+    out: Path | None = None
+    hooks: dict = field(default_factory=dict)
+
+
+@dataclass
+class HookResult:
+    """One hook's results in a run with several SAEs: ``stats``, ``examples`` and ``out``
+    (its directory, ``<out>/hooks/<hook>``, or None)."""
+
+    stats: LatentStats
+    examples: TopExamples
     out: Path | None = None
 
 
@@ -76,6 +97,43 @@ def _versions() -> dict:
 def _describe_sae(sae) -> dict:
     return {"d_in": sae.d_in, "d_sae": sae.d_sae, "activation": sae.activation, "k": sae.k,
             "hook_name": sae.hook_name, "dtype": str(sae.dtype).replace("torch.", "")}
+
+
+def _sae_pairs(sae, hook) -> tuple[bool, list]:
+    """``(multi, [(hook or None, sae), ...])`` from :func:`score_corpus`'s ``sae`` and ``hook``."""
+    from collections.abc import Mapping
+
+    if isinstance(sae, Mapping):
+        if hook is not None:
+            raise InputError("a {hook: sae} mapping names its hooks; do not also pass hook=")
+        if not sae:
+            raise InputError("the {hook: sae} mapping is empty; pass at least one SAE")
+        return True, list(sae.items())
+    if isinstance(sae, (list, tuple)):
+        if not sae:
+            raise InputError("the list of SAEs is empty; pass at least one SAE")
+        if hook is None:
+            hooks = [None] * len(sae)
+        elif isinstance(hook, (list, tuple)) and len(hook) == len(sae):
+            hooks = list(hook)
+        else:
+            n = len(hook) if isinstance(hook, (list, tuple)) else 1
+            raise InputError(f"{len(sae)} SAEs need one hook each (or none: each SAE's own hook_name); got {n} "
+                             "(CLI: one --hook per --sae)")
+        return True, list(zip(hooks, sae))
+    if isinstance(hook, (list, tuple)):
+        if len(hook) != 1:
+            raise InputError(f"one SAE takes one hook, got {len(hook)}")
+        hook = hook[0]
+    return False, [(hook, sae)]
+
+
+@dataclass
+class _HookView:
+    """What :func:`preflight.check_hook` reads of a scorer, for one hook of several."""
+
+    model: object
+    point: object
 
 
 class _SigintGuard:
@@ -160,7 +218,11 @@ def score_corpus(
 
     Args:
         model: a transformers causal LM (``model(input_ids, attention_mask=...).logits``).
-        sae: a :class:`gradsae.SAE` whose ``d_in`` matches the hook.
+        sae: a :class:`gradsae.SAE` whose ``d_in`` matches the hook; or several, scored in one
+            forward and backward per batch: a list (with ``hook`` a list of one hook or None
+            per SAE, or None: each SAE's own ``hook_name``) or a ``{hook: sae}`` mapping. Each
+            hook's statistics and examples go to ``<out>/hooks/<hook>/`` and
+            :attr:`CorpusResult.hooks`; one ``meta.json`` describes the run.
         data: a path (text: one document per line; ``.jsonl``; ``.parquet``; a ``datasets``
             directory) or a list of strings; see :func:`gradsae.corpus.data.open_corpus`.
         hook: where the SAE sits (TransformerLens-style name or module path; default: the
@@ -275,30 +337,51 @@ class CorpusRun:
         if max_length < cfg.min_length:
             raise InputError(f"objective {cfg.objective_name!r} needs max_length >= {cfg.min_length}")
         preflight.check_objective_tokens(self.model, cfg.objective_kwargs)
-        self.scorer = GradSAE(self.model, self.sae, hook=preflight.sae_hook(self.sae, cfg.hook), mode=cfg.mode,
-                              backend=cfg.backend)
-        preflight.check_hook(self.scorer, self.sae)
+        self.multi, pairs = _sae_pairs(self.sae, cfg.hook)
+        if self.multi:
+            self.scorer = GradSAE(self.model, [sv for _, sv in pairs], hooks=[preflight.sae_hook(sv, h) for h, sv in pairs],
+                                  mode=cfg.mode, backend=cfg.backend)
+            for (_, sv), h in zip(pairs, self.scorer.hooks):
+                preflight.check_hook(_HookView(self.scorer.model, self.scorer.points[h]), sv)
+        else:
+            (h, sv), = pairs
+            self.scorer = GradSAE(self.model, sv, hook=preflight.sae_hook(sv, h), mode=cfg.mode, backend=cfg.backend)
+            preflight.check_hook(self.scorer, sv)
         self.sae = self.scorer.sae
+        self.saes = dict(self.scorer.saes)
         self.dev = dev
-        self.cfg = cfg = cfg.resolved(hook=self.scorer.point.name, max_length=max_length, device=str(dev))
+        hook = tuple(self.scorer.hooks) if self.multi else self.scorer.point.name
+        self.cfg = cfg = cfg.resolved(hook=hook, max_length=max_length, device=str(dev))
         tok = self.tok
         self.record = {
             **cfg.record(), "data": self.corpus.describe(), "model": _model_name(self.model),
-            "sae": _describe_sae(self.sae), "world_size": ctx.world_size,
+            "sae": [_describe_sae(sv) for sv in self.saes.values()] if self.multi else _describe_sae(self.sae),
+            "world_size": ctx.world_size,
             "tokenizer": type(tok).__name__ + ":" + str(getattr(tok, "name_or_path", "")),
         }
-        self.stats = LatentStats(self.sae.d_sae, device=dev)
+        self.all_stats = {h: LatentStats(sv.d_sae, device=dev) for h, sv in self.saes.items()}
         # where a kernel backend serves, each batch's backward feeds its statistics straight
         # into per-batch tables (fused into the gather-dot), merged when the batch commits
-        self.fused_stats = fused_backend(self.sae, dev, cfg.backend) is not None
-        self.examples = TopExamples(self.sae.d_sae, cfg.top_n, cfg.context, device=dev)
+        self.fused = {h: fused_backend(sv, dev, cfg.backend) is not None for h, sv in self.saes.items()}
+        self.fused_stats = self.fused[self.scorer.hooks[0]]
+        self.all_examples = {h: TopExamples(sv.d_sae, cfg.top_n, cfg.context, device=dev)
+                             for h, sv in self.saes.items()}
         self.state = RunState(config=self.record, rank=ctx.rank, world_size=ctx.world_size)
         self.fp = Fingerprint()
         ck_file = resume.checkpoint_path(self.out, ctx.rank, ctx.world_size) if self.out is not None else None
         self.ck = Checkpointer(ck_file, cfg.checkpoint_every, cfg.checkpoint_interval, time.perf_counter())
         if resume_from is not None:
-            self.stats, self.examples, saved, self.fp = resume.restore(
+            stats, examples, saved, self.fp = resume.restore(
                 resume_from, self.record, self.corpus, self.out, device=dev, progress=cfg.progress and ctx.is_main)
+            if isinstance(stats, dict) != self.multi or (self.multi and list(stats) != self.scorer.hooks):
+                raise InputError(f"cannot resume {self.out}: its checkpoint holds the tables of "
+                                 f"{list(stats) if isinstance(stats, dict) else 'one SAE'}, this run scores "
+                                 f"{self.scorer.hooks}; use the same SAEs and hooks, or overwrite=True "
+                                 "(CLI: --overwrite) to start over")
+            if self.multi:
+                self.all_stats, self.all_examples = stats, examples
+            else:
+                self.all_stats, self.all_examples = {self.scorer.hooks[0]: stats}, {self.scorer.hooks[0]: examples}
             self.state.next_batch, self.state.cursor = saved.next_batch, saved.cursor
             self.state.counts, self.state.elapsed = saved.counts, saved.elapsed
             self.state.fingerprint = saved.fingerprint
@@ -309,6 +392,34 @@ class CorpusRun:
                 resume.clear(self.out)
             D.barrier(ctx)
 
+    # ------------------------------------------------------------------ tables
+    @property
+    def stats(self) -> LatentStats:
+        """The (first) hook's statistics."""
+        return self.all_stats[self.scorer.hooks[0]]
+
+    @property
+    def examples(self) -> TopExamples:
+        """The (first) hook's top examples."""
+        return self.all_examples[self.scorer.hooks[0]]
+
+    def _tables(self):
+        """What a checkpoint holds: the statistics and examples (``{hook: ...}`` with several SAEs)."""
+        if self.multi:
+            return self.all_stats, self.all_examples
+        return self.stats, self.examples
+
+    def _commit(self, att, sinks: dict, batch, deterministic: bool) -> None:
+        """Add one scored batch into every hook's statistics and examples."""
+        infs = att.influences or {self.scorer.hooks[0]: att.influence}
+        for h, inf in infs.items():
+            if h in sinks:
+                self.all_stats[h].merge(sinks[h])
+            else:
+                self.all_stats[h].update(inf, att.mask, deterministic=deterministic)
+            self.all_examples[h].update(inf, att.mask, batch.input_ids, batch.attention_mask,
+                                        batch.doc_ids, batch.offsets)
+
     # ------------------------------------------------------------------ loop
     def _snapshot(self, index: int, cursor: Cursor) -> RunState:
         st = self.state
@@ -317,7 +428,7 @@ class CorpusRun:
                         fingerprint=self.fp.upto(cursor.doc), rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     def _save(self, at: RunState) -> None:
-        self.ck.save(self.stats, self.examples, at, time.perf_counter())
+        self.ck.save(*self._tables(), at, time.perf_counter())
 
     def loop(self) -> None:
         """Score every batch from the state's cursor on, checkpointing as configured. On
@@ -354,7 +465,8 @@ class CorpusRun:
                     bar.update(max(0, int(batch.doc_ids[-1]) + 1 - bar.n))
                     mine = batch.index % ctx.world_size == ctx.rank
                     if mine:
-                        sink = LatentStats(self.sae.d_sae, device=dev) if self.fused_stats else None
+                        sinks = {h: LatentStats(sv.d_sae, device=dev) for h, sv in self.saes.items() if self.fused[h]}
+                        sink = sinks if self.multi else sinks.get(self.scorer.hooks[0])
                         with amp_ctx():
                             att = self.scorer.attribute(batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                                         objective=cfg.objective, stats=sink,
@@ -363,12 +475,7 @@ class CorpusRun:
                     with guard.critical():
                         consistent = False
                         if mine:
-                            if sink is not None:
-                                self.stats.merge(sink)
-                            else:
-                                self.stats.update(att.influence, att.mask, deterministic=cfg.deterministic)
-                            self.examples.update(att.influence, att.mask, batch.input_ids, batch.attention_mask,
-                                                 batch.doc_ids, batch.offsets)
+                            self._commit(att, sinks, batch, cfg.deterministic)
                             del att
                             st.counts["documents"] += batch.new_docs
                             st.counts["sequences"] += batch.input_ids.shape[0]
@@ -435,8 +542,9 @@ class CorpusRun:
         cfg, ctx, st = self.cfg, self.ctx, self.state
         out = self.out
         local_end = self._snapshot(*self.end) if out is not None and not ctx.active else None
-        stats = D.all_reduce_stats(ctx, self.stats)
-        examples = D.gather_examples(ctx, self.examples)
+        all_stats = {h: D.all_reduce_stats(ctx, st_) for h, st_ in self.all_stats.items()}
+        all_examples = {h: D.gather_examples(ctx, ex) for h, ex in self.all_examples.items()}
+        stats, examples = all_stats[self.scorer.hooks[0]], all_examples[self.scorer.hooks[0]]
         counts = D.all_reduce_counts(ctx, st.counts)
         elapsed = D.all_reduce_max(ctx, st.elapsed + time.perf_counter() - self.t0)
         n_records = self.n_records
@@ -465,9 +573,24 @@ class CorpusRun:
             meta["skipped"] = {"report.png": self.plot_skipped}
         if out is not None:
             meta["files"] = [f for f in OUTPUT_FILES if f not in meta.get("skipped", {})]
+        if self.multi:
+            meta["hook"] = list(self.scorer.hooks)
+            meta["hook_module"] = [self.scorer.points[h].module_path for h in self.scorer.hooks]
+            meta["sae"] = [_describe_sae(sv) for sv in self.saes.values()]
+            meta["active_latents"] = {h: int((st_.count > 0).sum()) for h, st_ in all_stats.items()}
+            meta["hooks"] = {h: {"dir": f"{resume.HOOKS_DIR}/{resume.hook_dir(h)}",
+                                 "hook_module": self.scorer.points[h].module_path,
+                                 "sae": _describe_sae(self.saes[h]),
+                                 "active_latents": meta["active_latents"][h]} for h in self.scorer.hooks}
+            if out is not None:
+                names = [f for f in OUTPUT_FILES if f != "meta.json" and f not in meta.get("skipped", {})]
+                meta["files"] = [f"{d['dir']}/{f}" for d in meta["hooks"].values() for f in names] + ["meta.json"]
         if out is not None:
             if ctx.is_main:
-                self._write(out, stats, examples, meta, local_end)
+                if self.multi:
+                    self._write_multi(out, all_stats, all_examples, meta, local_end)
+                else:
+                    self._write(out, stats, examples, meta, local_end)
             D.barrier(ctx)
             if self.ck.path is not None and self.ck.path.is_file():
                 self.ck.path.unlink()
@@ -478,10 +601,56 @@ class CorpusRun:
             print(f"gradsae score: {stats.tokens:,} tokens from {counts['documents']:,} documents "
                   f"({n_records - counts['documents']:,} skipped: empty or too short) in {elapsed:,.1f} s, "
                   f"{stats.tokens / max(elapsed, 1e-9):,.0f} tok/s over {ctx.world_size} process(es); "
-                  f"{meta['active_latents']:,} of {self.sae.d_sae:,} latents active"
+                  + (f"{meta['active_latents']:,} of {self.sae.d_sae:,} latents active" if not self.multi else
+                     "latents active: " + ", ".join(f"{h} {n:,} of {self.saes[h].d_sae:,}"
+                                                    for h, n in meta["active_latents"].items()))
                   + (f"; wrote {out}" if out is not None else "") + f" [{session_s:,.1f} s total]",
                   file=sys.stderr)
-        return CorpusResult(stats, examples, meta, out)
+        hooks = {}
+        if self.multi:
+            hooks = {h: HookResult(all_stats[h], all_examples[h],
+                                   out / resume.HOOKS_DIR / resume.hook_dir(h) if out is not None else None)
+                     for h in self.scorer.hooks}
+        return CorpusResult(stats, examples, meta, out, hooks)
+
+    def _write_multi(self, out: Path, all_stats: dict, all_examples: dict, meta: dict,
+                     local_end: RunState | None) -> None:
+        """Write every hook's outputs under ``<out>/hooks/`` and then ``meta.json`` (last: its
+        presence marks a finished run); on failure, as :meth:`_write`."""
+        from safetensors.torch import save_file
+
+        guard = _SigintGuard()
+        with guard:
+            try:
+                try:
+                    for h in self.scorer.hooks:
+                        d = out / resume.HOOKS_DIR / resume.hook_dir(h)
+                        d.mkdir(parents=True, exist_ok=True)
+                        st_, ex = all_stats[h], all_examples[h]
+                        st_.save(d / "stats.safetensors")
+                        tensors = {k: v.detach().cpu().contiguous() for k, v in ex.to_dict().items()}
+                        atomic_write(d / "examples.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
+                        write_parquet(latents_arrow(st_, ex, self.tok), d / "latents.parquet")
+                        if not self.plot_skipped:
+                            sign = meta.get("sign", {})
+                            title = (f"{meta.get('model', {}).get('name', '')} {h} objective={meta.get('objective', '')}"
+                                     + (f" (Y = {sign['y']})" if sign.get("y") else ""))
+                            write_report_png(st_, d / "report.png", title=title, positive=sign.get("positive", ""))
+                    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+                    atomic_write_text(out / "meta.json", text)
+                except BaseException:
+                    resume.remove_outputs(out)
+                    raise
+            except (OSError, KeyboardInterrupt) as e:
+                if local_end is not None:
+                    with contextlib.suppress(OSError), guard.hold():
+                        self._save(local_end)
+                if isinstance(e, KeyboardInterrupt):
+                    if self.ck.path is not None and self.ck.path.is_file():
+                        raise RunInterrupted(f"interrupted while writing the outputs; {self.ck.describe_kept()}: "
+                                             f"continue with {RESUME_HINT}", self.ck.path) from None
+                    raise
+                raise RunIOError(self._io_message(e, "writing the outputs")) from e
 
     def _write(self, out: Path, stats, examples, meta: dict, local_end: RunState | None) -> None:
         """Write the outputs; if that fails, keep the work: a checkpoint at the end of the
@@ -502,4 +671,4 @@ class CorpusRun:
                 raise RunIOError(self._io_message(e, "writing the outputs")) from e
 
 
-__all__ = ["score_corpus", "run_corpus", "CorpusRun", "CorpusResult", "RunConfig"]
+__all__ = ["score_corpus", "run_corpus", "CorpusRun", "CorpusResult", "HookResult", "RunConfig"]

@@ -5,12 +5,21 @@ per batch, and read off activation x gradient for the active latents.
     res = scorer.score("Question: ...", objective="predicted_prob")   # PromptScores
     res.top(0.5), res.bottom(10)
     attr = scorer.attribute(input_ids, attention_mask, objective="loss")  # per-token Influence
+
+Many SAEs in one forward and one backward (a list, hooks from each SAE's metadata or
+``hooks=``, or a ``{hook: sae}`` mapping):
+
+    scorer = GradSAE(model, {"blocks.3.hook_resid_post": sae3, "blocks.6.hook_resid_post": sae6})
+    attr = scorer.attribute(ids)            # attr.influences: {hook: Influence}
+    scorer.score(text)                      # {hook: PromptScores}
+    with scorer.intervene({"blocks.3.hook_resid_post": [12, 40]}): ...
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,13 +42,16 @@ class Attribution:
     """One batch's attribution: ``influence`` (:class:`Influence` ``[B, T, K]``, empty slots and
     pad positions have index -1), ``mask`` (``[B, T]`` bool, the positions that count),
     ``logits`` (detached ``[B, T, V]``; None unless :meth:`GradSAE.attribute` was asked to
-    keep them or needed them for a callable objective), ``objective`` (Y per example, ``[B]``)."""
+    keep them or needed them for a callable objective), ``objective`` (Y per example, ``[B]``),
+    ``influences`` (``{hook: Influence}``, every SAE's, in the scorer's order; ``influence``
+    is the first one)."""
 
     influence: Influence
     mask: torch.Tensor
     logits: torch.Tensor | None
     objective: torch.Tensor
     input_ids: torch.Tensor
+    influences: dict = field(default_factory=dict)
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -54,13 +66,49 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def _sae_list(saes, hook, hooks) -> tuple[list[tuple[str, object]], bool]:
+    """``([(hook, sae), ...], multi)`` from the forms :class:`GradSAE` accepts."""
+    if isinstance(saes, Mapping):
+        if hook is not None or hooks is not None:
+            raise InputError("a {hook: sae} mapping names its hooks; do not also pass hook= or hooks=")
+        if not saes:
+            raise InputError("the {hook: sae} mapping is empty; pass at least one SAE")
+        return [(h, as_sae(sv)) for h, sv in saes.items()], True
+    if isinstance(saes, (list, tuple)):
+        if hook is not None:
+            raise InputError("several SAEs take hooks=[...] (one per SAE), not hook=")
+        if not saes:
+            raise InputError("the list of SAEs is empty; pass at least one SAE")
+        items = [as_sae(sv) for sv in saes]
+        if hooks is None:
+            hooks = [sv.meta.hook_name for sv in items]
+            missing = [i for i, h in enumerate(hooks) if not h]
+            if missing:
+                raise InputError(f"the SAEs at positions {missing} name no hook in their metadata; pass hooks=[...]")
+        hooks = list(hooks)
+        if len(hooks) != len(items):
+            raise InputError(f"hooks= names {len(hooks)} hooks for {len(items)} SAEs; pass one per SAE")
+        return list(zip(hooks, items)), True
+    if hooks is not None:
+        raise InputError("hooks= is for a list of SAEs; one SAE takes hook=")
+    sae = as_sae(saes)
+    if hook is None:
+        hook = sae.meta.hook_name
+        if not hook:
+            raise InputError("the SAE names no hook in its metadata; pass hook=...")
+    return [(hook, sae)], False
+
+
 class GradSAE:
-    """An SAE spliced into ``model`` at ``hook``, scoring latents with GradSAE.
+    """An SAE spliced into ``model`` at ``hook`` (or several SAEs at several hooks), scoring
+    latents with GradSAE.
 
     Args:
         model: a transformers causal LM (``model(input_ids, attention_mask=...)`` returning
             ``.logits``), or any module with the same call convention.
-        sae: a :class:`gradsae.SAE` (moved to the model's device if needed).
+        sae: a :class:`gradsae.SAE` (moved to the model's device if needed); or several: a
+            list of SAEs (at the hooks their metadata names, or at ``hooks=``) or a
+            ``{hook: sae}`` mapping.
         hook: a TransformerLens-style name (``blocks.L.hook_resid_post`` ...), a module path of
             the model, or None to use the SAE's own ``hook_name``.
         mode: ``"splice"`` (the model runs on the reconstruction, the paper) or ``"error"``
@@ -68,35 +116,59 @@ class GradSAE:
         tokenizer: needed to score text; pads as configured (left or right).
         backend: influence backend for the encode, the sparse decode and the gather-dot
             (see :func:`gradsae.available_backends`).
+        hooks: the hooks of a list of SAEs, one per SAE.
 
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
-    parameters never receive gradients, and backward stops at the hook.
+    parameters never receive gradients, and backward stops at the (first) hook.
+
+    With several SAEs, one forward and one backward give every SAE's influence
+    (:attr:`Attribution.influences`), :meth:`score` returns ``{hook: result}`` and
+    :meth:`intervene` takes ``{hook: latents}``. In error mode each hook's output is the
+    model's own, so every SAE's scores are exactly those of a run with that SAE alone. In
+    splice mode every SAE is spliced at once: a later SAE encodes the output of a model that
+    already runs on the earlier SAEs' reconstructions, and the gradient at an earlier SAE
+    flows through the later SAEs' reconstructions (and encoders). Memory above the model grows
+    by the active sets, ``O(tokens * k)`` per SAE.
     """
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
-                 backend: str = "auto"):
-        sae = as_sae(sae)
+                 backend: str = "auto", hooks=None):
+        pairs, multi = _sae_list(sae, hook, hooks)
         model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        if hook is None:
-            hook = sae.meta.hook_name
-            if not hook:
-                raise InputError("the SAE names no hook in its metadata; pass hook=...")
+        names = [h for h, _ in pairs]
+        dup = sorted({h for h in names if names.count(h) > 1})
+        if dup:
+            raise InputError(f"hooks {dup} are given more than one SAE; one SAE per hook")
         self.model = model
         self.device = _device(model)
-        self.sae = sae if sae.device == self.device else sae.to(device=self.device)
-        self.point = resolve_hook(model, hook)
-        if self.point.d_model is not None and self.point.d_model != self.sae.d_in:
-            raise InputError(
-                f"the SAE's d_in={self.sae.d_in} does not match the width {self.point.d_model} of "
-                f"hook {hook!r} on this model; is this the SAE for this model?"
-            )
         self.mode = mode
         self.tokenizer = tokenizer
-        self.splice = Splice(self.point, self.sae, mode, backend)
+        self.multi = multi
+        self.saes, self.points, self.splices = {}, {}, {}
+        for h, sv in pairs:
+            sv = sv if sv.device == self.device else sv.to(device=self.device)
+            point = resolve_hook(model, h)
+            if point.d_model is not None and point.d_model != sv.d_in:
+                raise InputError(
+                    f"the SAE's d_in={sv.d_in} does not match the width {point.d_model} of "
+                    f"hook {h!r} on this model; is this the SAE for this model?"
+                )
+            self.saes[h], self.points[h] = sv, point
+            self.splices[h] = Splice(point, sv, mode, backend)
+        first = names[0]
+        self.sae, self.point, self.splice = self.saes[first], self.points[first], self.splices[first]
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hooks, in the order the SAEs were given."""
+        return list(self.splices)
 
     def __repr__(self) -> str:
+        if self.multi:
+            inner = ", ".join(f"{h!r}: {sv}" for h, sv in self.saes.items())
+            return f"GradSAE({{{inner}}}, mode={self.mode!r})"
         return f"GradSAE(hook={self.point.name!r} -> {self.point.module_path}, mode={self.mode!r}, sae={self.sae})"
 
     # ------------------------------------------------------------------ inputs
@@ -182,9 +254,12 @@ class GradSAE:
         (:meth:`Splice.recording`); ``deterministic``: bitwise repeatable sums there.
         """
         ids, mask = self.encode_batch(input_ids, attention_mask)
-        recording = self.splice.recording(mask=mask, last_index=_obj.bounds(mask)[1], device=self.device,
-                                          stats=stats, deterministic=deterministic)
-        with self._frozen(), recording as rec, torch.enable_grad():
+        sinks = self._sinks(stats)
+        last = _obj.bounds(mask)[1]
+        with self._frozen(), ExitStack() as stack, torch.enable_grad():
+            recs = {h: stack.enter_context(sp.recording(mask=mask, last_index=last, device=self.device,
+                                                        stats=sinks[h], deterministic=deterministic))
+                    for h, sp in self.splices.items()}
             head = None if keep_logits or callable(objective) else split_head(self.model)
             if head is not None:
                 logits = None
@@ -196,31 +271,57 @@ class GradSAE:
             if not y.requires_grad:
                 raise InputError("the objective does not depend on the hook's output")
             y.sum().backward()
+        infs = {h: self._recorded(h, rec, mask) for h, rec in recs.items()}
+        yv = y.detach().reshape(-1)
+        if yv.numel() == 1 and ids.shape[0] > 1:  # a callable objective returned one scalar
+            yv = yv.expand(ids.shape[0])
+        inf = next(iter(infs.values()))
+        return Attribution(inf, mask, None if logits is None else logits.detach(), yv, ids, infs)
+
+    def _sinks(self, stats) -> dict:
+        """``{hook: LatentStats or None}`` from ``attribute``'s ``stats``: one sink (one SAE) or
+        a ``{hook: sink}`` mapping (several; hooks left out get none)."""
+        if stats is None:
+            return dict.fromkeys(self.splices)
+        if isinstance(stats, Mapping):
+            unknown = sorted(set(stats) - set(self.splices))
+            if unknown:
+                raise InputError(f"stats names hooks {unknown} that have no SAE; the hooks are {self.hooks}")
+            return {h: stats.get(h) for h in self.splices}
+        if len(self.splices) != 1:
+            raise InputError("a scorer with several SAEs takes stats={hook: LatentStats}")
+        return {self.hooks[0]: stats}
+
+    def _recorded(self, hook: str, rec, mask: torch.Tensor) -> Influence:
+        """The one recorded :class:`Influence` of ``hook``, pad positions emptied."""
         done = rec.influences
         if len(rec.entries) != 1 or len(done) != 1:
             raise InputError(
-                f"the hook {self.point.name!r} ran {len(rec.entries)} times in one forward; "
+                f"the hook {self.points[hook].name!r} ran {len(rec.entries)} times in one forward; "
                 "expected exactly once"
             )
         inf = done[0]
         keep = mask.unsqueeze(-1) & (inf.indices >= 0)
         z = lambda t: torch.where(keep, t, torch.zeros_like(t))
-        inf = Influence(torch.where(keep, inf.indices, torch.full_like(inf.indices, -1)),
-                        z(inf.acts), z(inf.grads), z(inf.scores), inf.d_sae)
-        yv = y.detach().reshape(-1)
-        if yv.numel() == 1 and ids.shape[0] > 1:  # a callable objective returned one scalar
-            yv = yv.expand(ids.shape[0])
-        return Attribution(inf, mask, None if logits is None else logits.detach(), yv, ids)
+        return Influence(torch.where(keep, inf.indices, torch.full_like(inf.indices, -1)),
+                         z(inf.acts), z(inf.grads), z(inf.scores), inf.d_sae)
 
-    def reduce(self, attr: Attribution, reduce: str = "mean", sign: str = "relu") -> ScoreResult:
+    def reduce(self, attr: Attribution, reduce: str = "mean", sign: str = "relu"):
         """Per-prompt scores from an :class:`Attribution`: ``sign`` in ``relu`` (the paper),
         ``signed``, ``abs``; ``reduce`` over positions in ``mean`` (the paper; over real
-        tokens, inactive counting 0), ``sum``, ``last``."""
+        tokens, inactive counting 0), ``sum``, ``last``. A :class:`ScoreResult`; with several
+        SAEs, ``{hook: ScoreResult}``."""
         if reduce not in REDUCES:
             raise InputError(f"reduce must be one of {REDUCES}, got {reduce!r}")
         if sign not in SIGNS:
             raise InputError(f"sign must be one of {SIGNS}, got {sign!r}")
-        inf, mask = attr.influence, attr.mask
+        if self.multi:
+            infs = attr.influences or {self.hooks[0]: attr.influence}
+            return {h: self._reduce_one(attr, inf, reduce, sign) for h, inf in infs.items()}
+        return self._reduce_one(attr, attr.influence, reduce, sign)
+
+    def _reduce_one(self, attr: Attribution, inf: Influence, reduce: str, sign: str) -> ScoreResult:
+        mask = attr.mask
         B, T, K = inf.indices.shape
         d = inf.d_sae
         s = inf.scores
@@ -257,11 +358,15 @@ class GradSAE:
     def score(self, batch_or_text, objective="predicted_prob", position: int = -1, reduce: str = "mean",
               sign: str = "relu", attention_mask=None, **objective_kwargs):
         """GradSAE scores per prompt. A single text (or 1-D ids) gives a :class:`PromptScores`;
-        a batch gives a :class:`ScoreResult` (a list of them)."""
+        a batch gives a :class:`ScoreResult` (a list of them). A scorer with several SAEs
+        gives ``{hook: PromptScores}`` or ``{hook: ScoreResult}``, in the scorer's hook order,
+        from one forward and one backward."""
         single = isinstance(batch_or_text, str) or (
             isinstance(batch_or_text, torch.Tensor) and batch_or_text.dim() == 1)
         attr = self.attribute(batch_or_text, attention_mask, objective, position, **objective_kwargs)
         res = self.reduce(attr, reduce, sign)
+        if isinstance(res, dict):
+            return {h: (r[0] if single else r) for h, r in res.items()}
         return res[0] if single else res
 
     # ------------------------------------------------------------------ interventions
@@ -270,16 +375,60 @@ class GradSAE:
         """Splice the SAE with latent edits for every forward inside the block (see
         :mod:`gradsae.model.interventions`): ``zero`` latents, ``set`` {latent: value},
         ``add`` {latent: alpha} (``alpha * W_dec[latent]``), at ``"all"`` positions or the
-        ``"last"``. Nested blocks combine."""
-        zero = [int(j) for j in (zero.tolist() if isinstance(zero, torch.Tensor) else zero)]
-        iv = Intervention(zero, dict(set or {}), dict(add or {}), positions).validate(self.sae.d_sae)
-        with self.splice.editing(iv):
-            yield iv
+        ``"last"``. Nested blocks combine.
+
+        With several SAEs each edit names its hook: ``zero={hook: latents}``, ``set={hook:
+        {latent: value}}``, ``add={hook: {latent: alpha}}``; every SAE is in place during the
+        block (spliced, or a no-op in error mode where not edited) and the block yields
+        ``{hook: Intervention}`` of the edited hooks."""
+        edits = self._edits(zero, set, add)
+        ivs = {h: Intervention(e["zero"], e["set"], e["add"], positions).validate(self.saes[h].d_sae)
+               for h, e in edits.items()}
+        with ExitStack() as stack:
+            for h, sp in self.splices.items():
+                stack.enter_context(sp.editing(ivs[h]) if h in ivs else sp)
+            yield ivs if self.multi else ivs[self.hooks[0]]
+
+    def _edits(self, zero, set, add) -> dict:
+        """``{hook: {"zero": [...], "set": {...}, "add": {...}}}`` from :meth:`intervene`'s
+        arguments (per-hook mappings, or plain edits of a single SAE)."""
+        def per_hook(v) -> bool:
+            return isinstance(v, Mapping) and bool(v) and all(isinstance(k, str) for k in v)
+
+        def latents(v):
+            return [int(j) for j in (v.tolist() if isinstance(v, torch.Tensor) else v)]
+
+        args = {"zero": zero, "set": set, "add": add}
+        out: dict = {}
+        for name, v in args.items():
+            if v is None or (not isinstance(v, Mapping) and name != "zero"):
+                continue
+            if per_hook(v):
+                unknown = sorted(h for h in v if h not in self.splices)
+                if unknown:
+                    raise InputError(f"{name}= names hooks {unknown} that have no SAE; the hooks are {self.hooks}")
+                for h, e in v.items():
+                    out.setdefault(h, {"zero": [], "set": {}, "add": {}})[name] = (
+                        latents(e) if name == "zero" else dict(e or {}))
+                continue
+            empty = (len(v) == 0) if not isinstance(v, torch.Tensor) else v.numel() == 0
+            if empty:
+                continue
+            if self.multi:
+                raise InputError(
+                    f"a scorer with several SAEs takes {name}={{hook: ...}}; the hooks are {self.hooks}")
+            out.setdefault(self.hooks[0], {"zero": [], "set": {}, "add": {}})[name] = (
+                latents(v) if name == "zero" else dict(v))
+        if not self.multi:
+            out.setdefault(self.hooks[0], {"zero": [], "set": {}, "add": {}})
+        return out
 
     @contextmanager
     def spliced(self):
-        """Splice the SAE (no edits) for every forward inside the block."""
-        with self.splice:
+        """Splice the SAE (every SAE of the scorer, no edits) for every forward inside the block."""
+        with ExitStack() as stack:
+            for sp in self.splices.values():
+                stack.enter_context(sp)
             yield self
 
     # ------------------------------------------------------------------ generation

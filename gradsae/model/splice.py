@@ -19,6 +19,15 @@ that requires grad, so the graph starts at the hook. In error mode the same hold
 
 Interventions (:mod:`gradsae.model.interventions`) edit the active set before decoding.
 
+Several splices in one model (a :class:`~gradsae.model.scorer.GradSAE` with many SAEs): the
+hook tensor of a later splice depends on the output of an earlier one, so the backward of a
+splice also hands a gradient to ``h`` whenever ``h`` requires one (it never does for a single
+splice: the model's parameters are frozen). In error mode the output equals ``h``, so ``h``
+gets ``D`` itself and every hook sees the model's own gradient. In splice mode the output is
+``decode(encode(h))`` and ``h`` gets the gradient through the encoder at the active latents
+only (:func:`encoder_backward`: ``sum_j dY/dz_j * dz_j/dh``, ``[T, k]`` work per token, no
+``[tokens, d_sae]`` tensor), which is what a dense autograd of the same spliced model gives.
+
 The splice's ``backend`` serves all three steps: the encode, the gather-dot of the backward,
 and the sparse decode (a backend without a sparse-decode kernel decodes in PyTorch). Callers
 drive a splice through its context managers: ``with splice:`` (attached), ``with
@@ -28,6 +37,7 @@ splice.editing(iv):`` (attached, with an intervention).
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -36,6 +46,7 @@ import torch
 
 from ..errors import InputError
 from ..op import Influence, accumulate_at, decode_sparse, encode_sparse, influence_at
+from ..sae import LAYER_NORM_EPS
 from ..stats import LatentStats
 
 MODES = ("splice", "error")
@@ -88,7 +99,49 @@ class _SpliceFn(torch.autograd.Function):
             mask = rec.mask if rec.mask is not None and rec.mask.shape == e.idx.shape[:-1] else None
             e.influence = accumulate_at(e.idx, e.acts, D.to(sae.dtype), sae, rec.stats, mask, x=e.x,
                                         backend=sp.backend, deterministic=rec.deterministic)
-        return None, None, None
+        dh = None
+        if ctx.needs_input_grad[1]:  # an earlier splice waits for the gradient at this hook
+            if sp.mode == "error":
+                dh = D
+            else:
+                dh = encoder_backward(sae, e.idx, e.acts, e.influence.grads, e.x).to(D.dtype)
+        return None, dh, None
+
+
+# Elements of W_enc gathered at once by encoder_backward (bounds its temporary).
+GATHER_CHUNK = 1 << 22
+
+
+def encoder_backward(sae, idx: torch.Tensor, acts: torch.Tensor, grads: torch.Tensor,
+                     x: torch.Tensor) -> torch.Tensor:
+    """The gradient at the SAE's input ``x`` ``[..., d_in]`` given ``grads = dY/dz`` at the
+    active slots ``idx`` ``[..., K]``: ``slope[t] * sum_s grads[t, s] * dn[j] * W_enc[:, j]``
+    over the slots ``j = idx[t, s]`` whose activation is positive (the derivative of a
+    selected ``relu``/threshold latent is that of its pre-activation; an inactive or zeroed
+    slot has none). ``dn``: the decoder norm where activations are rescaled by it, else 1;
+    ``slope``: the input normalisation's per-row factor (its statistics are taken from the
+    detached input, :meth:`gradsae.SAE.preprocess`), else 1. The columns of ``W_enc`` are
+    gathered a chunk of rows at a time, so memory stays ``O(chunk)``, never ``[T, d_sae]``."""
+    lead = idx.shape[:-1]
+    K = idx.shape[-1]
+    idx2 = idx.reshape(-1, K)
+    w = (grads.reshape(-1, K).to(sae.dtype) * (acts.reshape(-1, K) > 0)).to(sae.dtype)
+    j = idx2.clamp(min=0)
+    if sae.rescale_acts_by_decoder_norm:
+        w = w * sae.decoder_norm().to(w.dtype)[j]
+    out = torch.zeros(idx2.shape[0], sae.d_in, dtype=sae.dtype, device=idx.device)
+    rows = max(1, GATHER_CHUNK // max(1, K * sae.d_in))
+    for a in range(0, idx2.shape[0], rows):
+        jj = j[a:a + rows]
+        cols = sae.W_enc.index_select(1, jj.reshape(-1)).view(sae.d_in, jj.shape[0], K)
+        out[a:a + rows] = (cols * w[a:a + rows]).sum(-1).T
+    xd = x.reshape(-1, sae.d_in).detach().to(sae.dtype)
+    if sae.normalize_activations == "constant_norm_rescale":
+        out = out * (math.sqrt(sae.d_in) / xd.norm(dim=-1).clamp_min(torch.finfo(xd.dtype).tiny)).unsqueeze(-1)
+    elif sae.normalize_activations == "layer_norm":
+        std = (xd - xd.mean(dim=-1, keepdim=True)).std(dim=-1)
+        out = out / (std + LAYER_NORM_EPS).unsqueeze(-1)
+    return out.reshape(*lead, sae.d_in)
 
 
 def delta_decode(sae, idx: torch.Tensor, dvals: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
