@@ -295,7 +295,8 @@ tbody tr{cursor:pointer}tbody tr:hover{background:#f3f7fc}tbody tr.sel{backgroun
 .ex .num{flex:0 0 88px;text-align:right;font:12px ui-monospace,SFMono-Regular,Menlo,monospace;color:#57606a}
 .ex .txt{font:13px/1.9 ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre-wrap;word-break:break-word}
 .tok{border-radius:2px;padding:1px 1px;margin-right:2px}
-.tok.c{outline:1.5px solid #1b1f24;outline-offset:0}
+.tok.c{outline:2px solid #e3a008;outline-offset:1px;font-weight:700}
+.tok.dark{color:#fff}
 .none{color:#8c959f;font-style:italic;font-size:12.5px}
 .legend{display:inline-block;width:120px;height:10px;vertical-align:middle;border:1px solid #d8dde3;
  background:linear-gradient(90deg,rgb(214,39,40),#fff,rgb(31,119,180))}
@@ -338,7 +339,7 @@ function show(lat){
   st.textContent=C.slice(1).map((c,i)=>c.replace(/_/g,' ')+' '+fmt(r[i+1],c)).join(' \u00b7 ');R.appendChild(st);
   const lg=document.createElement('div');lg.className='stats';
   lg.innerHTML='influence at each token: <span>negative</span> <span class="legend"></span> <span>positive</span> '+
-    '(scale \u00b1'+fmt(m,'')+'; the example\u2019s token is outlined; hover a token for its values)';R.appendChild(lg);
+    '(scale \u00b1'+fmt(m,'')+'; the example\u2019s own token is outlined in amber; hover a token for its values)';R.appendChild(lg);
   for(const [side,title] of [['top','Top examples (highest influence)'],['bottom','Bottom examples (most negative influence)']]){
     const h3=document.createElement('h3');h3.textContent=title+' \u2014 '+E[side].length;R.appendChild(h3);
     const box=document.createElement('div');box.className=side;box.id=side+'-examples';
@@ -352,6 +353,7 @@ function show(lat){
       const txt=document.createElement('div');txt.className='txt';
       toks.forEach((t,i)=>{const s=document.createElement('span');s.className='tok'+(i===c?' c':'');
         s.textContent=t.replace(/\n/g,'\u21b5');s.style.background=shade(scores[i],m);
+        if(m&&scores[i]&&Math.abs(scores[i])/m>0.6)s.classList.add('dark');
         s.title='act '+fmt(acts[i],'')+'\ninfluence '+fmt(scores[i],'');txt.appendChild(s);});
       row.appendChild(txt);box.appendChild(row);}
     R.appendChild(box);}
