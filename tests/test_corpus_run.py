@@ -379,3 +379,53 @@ def test_ctrl_c_without_an_output_directory_is_a_plain_interrupt(setup):
     finally:
         h.remove()
     assert not isinstance(ei.value, RunInterrupted)
+
+
+def test_bottom_examples_and_windows_match_dense_reference(setup, tmp_path):
+    """The bottom examples (most negative scores) and every example's per-token window values
+    (activation and score of its latent at each token of the window) against the dense float64
+    per-token scores; latents.parquet carries the same, with the window's decoded tokens."""
+    model, sae, tok, docs = setup
+    out = tmp_path / "run"
+    c = 2
+    res = gradsae.score_corpus(model, sae, docs, hook=f"blocks.{LAYER}.hook_resid_post", tokenizer=tok, out=out,
+                               max_length=L, batch_tokens=40, top_n=3, context=c, progress=False)
+    ref = _dense_reference(model, sae, tok, docs, "splice")
+    dense = {(doc, pos, j): (a, s) for doc, pos, j, a, s in ref}
+    scale = max(1e-3, max(abs(s) for *_, s in ref))
+    by_lat = {}
+    for doc, pos, j, a, s in ref:
+        by_lat.setdefault(j, []).append((s, doc, pos, a))
+    checked = 0
+    for j in range(DSAE):
+        neg = sorted([r for r in by_lat.get(j, []) if r[0] < 0])
+        got = res.examples.rows(j, "bottom")
+        # scores within rounding of 0 may fall on either side of it
+        clear = sum(1 for s, *_ in by_lat.get(j, []) if s < -1e-4 * scale)
+        near = sum(1 for s, *_ in by_lat.get(j, []) if s < 1e-4 * scale)
+        assert min(3, clear) <= len(got) <= min(3, near)
+        for g, w in zip(got, neg):
+            assert g["score"] < 0 and abs(g["score"] - w[0]) <= 1e-4 * scale
+        for side in ("top", "bottom"):
+            for g in res.examples.rows(j, side):
+                ids = tok(docs[g["doc"]])["input_ids"]
+                start = (g["pos"] // L) * L
+                lo, hi = max(start, g["pos"] - c), min(len(ids), start + L, g["pos"] + c + 1)
+                assert g["ctx"] == ids[lo:hi] and g["center"] == g["pos"] - lo
+                want = [dense.get((g["doc"], p, j), (0.0, 0.0)) for p in range(lo, hi)]
+                assert max(abs(x - w[1]) for x, w in zip(g["scores"], want)) <= 1e-4 * scale
+                assert max(abs(x - w[0]) / max(1.0, abs(w[0])) for x, w in zip(g["acts"], want)) <= 1e-4
+                checked += 1
+    assert checked >= DSAE // 2
+    import pandas as pd
+
+    df = pd.read_parquet(out / "latents.parquet")
+    for j in range(DSAE):
+        for side in ("top", "bottom"):
+            rows = res.examples.rows(j, side)
+            got = list(df[f"{side}_examples"][j])
+            assert [(e["doc"], e["pos"], e["center"]) for e in got] == [(r["doc"], r["pos"], r["center"]) for r in rows]
+            for e, r in zip(got, rows):
+                assert list(e["tokens"]) == [tok.decode([t]) for t in r["ctx"]]
+                assert list(e["scores"]) == r["scores"] and list(e["acts"]) == r["acts"]
+                assert e["tokens"][e["center"]] == e["token"]

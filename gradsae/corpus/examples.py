@@ -1,16 +1,25 @@
-"""The top-N examples of every latent by influence, kept in bounded memory.
+"""The top-N and bottom-N examples of every latent by influence, kept in bounded memory.
 
 Like max-activating examples, but ranked by influence score. For each latent the table keeps
-the ``n`` best token occurrences under one strict total order:
+two lists of token occurrences, each under one strict total order:
 
-    score descending, then document id ascending, then position ascending
+- **top**: the ``n`` highest scores (whatever their sign), ordered by
+  score descending, then document id ascending, then position ascending;
+- **bottom**: the ``n`` most negative scores (only scores < 0: a latent that never lowers Y
+  has no bottom examples), ordered by score ascending, then document, then position.
 
-Because the order is total (a latent occurs at most once per token), the kept set is the top
-``n`` of everything ever offered, whatever the order of the offers: merging the tables of
+Because each order is total (a latent occurs at most once per token), each kept set is the
+best ``n`` of everything ever offered, whatever the order of the offers: merging the tables of
 several ranks or resuming from a checkpoint gives exactly the table of one uninterrupted run.
 
-Memory is fixed, ``d_sae * n`` slots of (score, activation, doc, position, context tokens);
-offers below a latent's current ``n``-th score are dropped before any sorting.
+Every example also keeps its context window, ``2 * context + 1`` tokens centred on it within
+its sequence, and at every token of that window the activation and the influence score of the
+example's latent there (0 where the latent is inactive or the position does not count), so a
+viewer can shade the whole window.
+
+Memory is fixed, ``2 * d_sae * n`` slots of (score, activation, doc, position, context tokens
+and their per-token activations and scores); offers that cannot enter a latent's list are
+dropped before any sorting, and windows are built only for the offers that are kept.
 """
 
 from __future__ import annotations
@@ -19,7 +28,11 @@ import torch
 
 from ..errors import InputError
 
-FIELDS = ("score", "act", "doc", "pos", "ctx")
+SIDES = ("top", "bottom")
+_SIDE_FIELDS = ("score", "act", "doc", "pos", "ctx", "ctx_act", "ctx_score")
+_PREFIX = {"top": "", "bottom": "bottom_"}
+_SIGN = {"top": 1.0, "bottom": -1.0}
+FIELDS = tuple(_PREFIX[side] + f for side in SIDES for f in _SIDE_FIELDS)
 
 
 _DOC_STRIDE = 1 << 31  # (doc, pos) -> doc * 2^31 + pos: documents < 2^32, positions < 2^31
@@ -42,13 +55,57 @@ def _lexsort(keys: list[torch.Tensor]) -> torch.Tensor:
     return order
 
 
-class TopExamples:
-    """Per-latent top-``n`` examples by influence (see module docstring).
+class _Windows:
+    """The context windows of a batch's candidates: token ids, and the activation and score
+    of the candidate's latent at every token of the window (looked up in the batch's sparse
+    influence through one sorted key array, built on first use)."""
 
-    Tables, all ``[d_sae, n]`` (``ctx``: ``[d_sae, n, 2 * context + 1]``), best first:
-    ``score`` (float64, -inf = empty slot), ``act`` (float64), ``doc`` (int64, -1 = empty),
-    ``pos`` (int64, token position in the document), ``ctx`` (int32 token ids around the
-    position, -1 outside the sequence).
+    def __init__(self, inf, keep, input_ids, attention_mask, context, dev):
+        self.inf, self.keep, self.c, self.dev = inf, keep, context, dev
+        self.B, self.T, _ = keep.shape
+        ids = torch.where(attention_mask.to(dev).bool(), input_ids.to(dev), torch.full_like(input_ids, -1, device=dev))
+        self.ids = torch.nn.functional.pad(ids, (context, context), value=-1).to(torch.int32)
+        self._table = None
+
+    def _lookup(self):
+        if self._table is None:
+            b, t, s = self.keep.nonzero(as_tuple=True)
+            j = self.inf.indices.to(self.dev)[b, t, s]
+            key = ((b * self.T + t) * self.inf.d_sae + j).to(torch.int64)
+            order = key.argsort()
+            acts = self.inf.acts.to(self.dev)[b, t, s][order].to(torch.float32)
+            scores = self.inf.scores.to(self.dev)[b, t, s][order].to(torch.float32)
+            self._table = (key[order], acts, scores)
+        return self._table
+
+    def __call__(self, b, t, j):
+        """``(ctx [M, W] int32, ctx_act [M, W] float32, ctx_score [M, W] float32)``."""
+        W = 2 * self.c + 1
+        win = t.unsqueeze(1) + torch.arange(W, device=self.dev)  # in padded coordinates
+        ctx = self.ids[b.unsqueeze(1), win]
+        keys, acts, scores = self._lookup()
+        tp = win - self.c
+        inside = (ctx >= 0) & (tp >= 0) & (tp < self.T)
+        q = (b.unsqueeze(1) * self.T + tp.clamp(0, self.T - 1)) * self.inf.d_sae + j.unsqueeze(1)
+        if keys.numel() == 0:
+            z = torch.zeros(ctx.shape, dtype=torch.float32, device=self.dev)
+            return ctx, z, z.clone()
+        at = torch.searchsorted(keys, q.reshape(-1)).clamp(max=keys.numel() - 1).reshape(q.shape)
+        found = inside & (keys[at] == q)
+        zero = torch.zeros((), dtype=torch.float32, device=self.dev)
+        return ctx, torch.where(found, acts[at], zero), torch.where(found, scores[at], zero)
+
+
+class TopExamples:
+    """Per-latent top-``n`` and bottom-``n`` examples by influence (see module docstring).
+
+    Tables, all ``[d_sae, n]``, best first (``ctx``, ``ctx_act``, ``ctx_score``:
+    ``[d_sae, n, 2 * context + 1]``). Top: ``score`` (float64, -inf = empty slot), ``act``
+    (float64), ``doc`` (int64, -1 = empty), ``pos`` (int64, token position in the document),
+    ``ctx`` (int32 token ids around the position, -1 outside the sequence), ``ctx_act`` and
+    ``ctx_score`` (float32, the latent's activation and score at each token of ``ctx``, 0
+    where it is inactive or outside). Bottom: the same fields prefixed ``bottom_``
+    (``bottom_score`` +inf = empty slot).
     """
 
     def __init__(self, d_sae: int, n: int = 10, context: int = 8, device: torch.device | str = "cpu"):
@@ -57,15 +114,24 @@ class TopExamples:
         if context < 0:
             raise InputError(f"context must be >= 0, got {context}")
         self.d_sae, self.n, self.context = int(d_sae), int(n), int(context)
-        self.score = torch.full((d_sae, n), float("-inf"), dtype=torch.float64, device=device)
-        self.act = torch.zeros((d_sae, n), dtype=torch.float64, device=device)
-        self.doc = torch.full((d_sae, n), -1, dtype=torch.int64, device=device)
-        self.pos = torch.full((d_sae, n), -1, dtype=torch.int64, device=device)
-        self.ctx = torch.full((d_sae, n, 2 * context + 1), -1, dtype=torch.int32, device=device)
+        W = 2 * context + 1
+        for side in SIDES:
+            p = _PREFIX[side]
+            setattr(self, p + "score", torch.full((d_sae, n), -_SIGN[side] * float("inf"), dtype=torch.float64,
+                                                  device=device))
+            setattr(self, p + "act", torch.zeros((d_sae, n), dtype=torch.float64, device=device))
+            setattr(self, p + "doc", torch.full((d_sae, n), -1, dtype=torch.int64, device=device))
+            setattr(self, p + "pos", torch.full((d_sae, n), -1, dtype=torch.int64, device=device))
+            setattr(self, p + "ctx", torch.full((d_sae, n, W), -1, dtype=torch.int32, device=device))
+            setattr(self, p + "ctx_act", torch.zeros((d_sae, n, W), dtype=torch.float32, device=device))
+            setattr(self, p + "ctx_score", torch.zeros((d_sae, n, W), dtype=torch.float32, device=device))
 
     @property
     def device(self) -> torch.device:
         return self.score.device
+
+    def _field(self, side: str, f: str) -> torch.Tensor:
+        return getattr(self, _PREFIX[side] + f)
 
     # ------------------------------------------------------------------ accumulation
     def update(self, inf, mask: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -87,18 +153,13 @@ class TopExamples:
         keep = (idx >= 0) & mask.to(dev, torch.bool).unsqueeze(-1) & torch.isfinite(scores)
         j = idx[keep]
         s = scores[keep]
-        thr = self.score[:, -1]
-        good = s >= thr[j]
-        if not bool(good.any()):
+        wanted = {"top": s >= self.score[:, -1][j],
+                  "bottom": (s < 0) & (s <= self.bottom_score[:, -1][j])}
+        if not any(bool(w.any()) for w in wanted.values()):
             return self
-        b, t, _ = keep.nonzero(as_tuple=True)
-        b, t, j, s = b[good], t[good], j[good], s[good]
-        a = inf.acts.to(dev, torch.float64)[keep][good]
-        c = self.context
-        ids = torch.where(attention_mask.to(dev).bool(), input_ids.to(dev), torch.full_like(input_ids, -1, device=dev))
-        ids = torch.nn.functional.pad(ids, (c, c), value=-1).to(torch.int32)
-        win = t.unsqueeze(1) + torch.arange(2 * c + 1, device=dev)
-        ctx = ids[b.unsqueeze(1), win]
+        b_all, t_all, _ = keep.nonzero(as_tuple=True)
+        a_all = inf.acts.to(dev, torch.float64)[keep]
+        windows = _Windows(inf, keep, input_ids, attention_mask, self.context, dev)
         # Rows of a batch from make_batches run forward through the corpus, so the candidates,
         # in (row, position) order, are already sorted by (doc, pos): one sort by (latent,
         # score) then gives the full order. Checked, not assumed.
@@ -106,25 +167,35 @@ class TopExamples:
         start = docs * _DOC_STRIDE + offs
         in_order = bool((start[1:] >= start[:-1] + mask.shape[1]).all()) if len(start) > 1 else True
         exact32 = inf.scores.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        self._offer(j, s, a, docs[b], offs[b] + t, ctx, dp_sorted=in_order and exact32)
+        for side, good in wanted.items():
+            if not bool(good.any()):
+                continue
+            b, t, jj = b_all[good], t_all[good], j[good]
+            self._offer(side, jj, s[good], a_all[good], docs[b], offs[b] + t,
+                        lambda sel, b=b, t=t, jj=jj: windows(b[sel], t[sel], jj[sel]),
+                        dp_sorted=in_order and exact32)
         return self
 
-    def _offer(self, j, s, a, d, p, ctx, dp_sorted: bool = False) -> None:
-        """Merge candidates (latent j, score s, act a, doc d, pos p, context) into the table.
+    def _offer(self, side, j, s, a, d, p, windows, dp_sorted: bool = False) -> None:
+        """Merge candidates (latent j, score s, act a, doc d, pos p) into one side's table;
+        ``windows(sel)`` gives ``(ctx, ctx_act, ctx_score)`` of the candidates ``sel``.
 
-        Candidates are grouped by latent and cut to their best ``n`` (one sort of the
-        candidates only); each touched latent's row is then merged with its ``n`` kept
-        entries by sorting ``[rows, 2n]`` along the last dimension. ``dp_sorted``: the
-        candidates come in (doc, pos) order and their scores are float32 values, so one
-        stable sort by a packed (latent, score) key orders them."""
+        Candidates are ranked by ``key = sign * score`` (the bottom side ranks negated
+        scores), grouped by latent and cut to their best ``n`` (one sort of the candidates
+        only); each touched latent's row is then merged with its ``n`` kept entries by
+        sorting ``[rows, 2n]`` along the last dimension. ``dp_sorted``: the candidates come
+        in (doc, pos) order and their scores are float32 values, so one stable sort by a
+        packed (latent, key) key orders them."""
         if j.numel() == 0:
             return
-        n, dev = self.n, self.device
+        n, dev, sign = self.n, self.device, _SIGN[side]
+        F = {f: self._field(side, f) for f in _SIDE_FIELDS}
+        k = s * sign
         dp = d * _DOC_STRIDE + p  # (doc, pos) as one int64 tie-break key
         if dp_sorted:
-            order = _packed_key(j, s).argsort(stable=True)
+            order = _packed_key(j, k).argsort(stable=True)
         else:
-            order = _lexsort([j, -s, dp])
+            order = _lexsort([j, -k, dp])
         js = j[order]
         U, counts = torch.unique_consecutive(js, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
@@ -133,20 +204,21 @@ class TopExamples:
         keep = rank < n
         g, r = group[keep], rank[keep]
         sel = order[keep]  # the kept candidates, in table order
-        s, a, dp, d, p, ctx = s[sel], a[sel], dp[sel], d[sel], p[sel], ctx[sel]
+        k, a, dp, d, p = k[sel], a[sel], dp[sel], d[sel], p[sel]
+        ctx, ctx_act, ctx_score = windows(sel)
         # [U, 2n] rows: the kept entries, then the candidates; empty slots sort last
         R = len(U)
-        sc = torch.cat([self.score[U], torch.full((R, n), float("-inf"), dtype=torch.float64, device=dev)], 1)
+        sc = torch.cat([F["score"][U] * sign, torch.full((R, n), float("-inf"), dtype=torch.float64, device=dev)], 1)
         src = torch.cat([torch.arange(R * n, device=dev).reshape(R, n), torch.full((R, n), -1, device=dev)], 1)
-        sc[g, n + r] = s
-        src[g, n + r] = R * n + torch.arange(s.numel(), device=dev)
+        sc[g, n + r] = k
+        src[g, n + r] = R * n + torch.arange(k.numel(), device=dev)
         o = (-sc).argsort(dim=1, stable=True)
         top = sc.gather(1, o)
         if bool(((top[:, 1:] == top[:, :-1]) & torch.isfinite(top[:, 1:])).any()):
             # equal scores in a row: order by (doc, pos) first, then (stably) by score
             big = torch.iinfo(torch.int64).max
-            key = torch.cat([torch.where(self.doc[U] >= 0, self.doc[U] * _DOC_STRIDE + self.pos[U],
-                                         torch.full_like(self.pos[U], big)),
+            key = torch.cat([torch.where(F["doc"][U] >= 0, F["doc"][U] * _DOC_STRIDE + F["pos"][U],
+                                         torch.full_like(F["pos"][U], big)),
                              torch.full((R, n), big, dtype=torch.int64, device=dev)], 1)
             key[g, n + r] = dp
             o = key.argsort(dim=1, stable=True)
@@ -154,31 +226,36 @@ class TopExamples:
         o = o[:, :n]
         sc, src = sc.gather(1, o), src.gather(1, o)
         # empty slots point at a sentinel entry appended to every pool
-        src = torch.where(torch.isfinite(sc), src, torch.full_like(src, R * n + s.numel()))
+        src = torch.where(torch.isfinite(sc), src, torch.full_like(src, R * n + k.numel()))
 
         def pool(old, new, empty):
             sentinel = torch.full((1, *old.shape[2:]), empty, dtype=old.dtype, device=dev)
             return torch.cat([old[U].reshape(R * n, *old.shape[2:]), new.to(old.dtype), sentinel])[src]
 
-        self.score[U] = pool(self.score, s, float("-inf"))
-        self.act[U] = pool(self.act, a, 0.0)
-        self.doc[U] = pool(self.doc, d, -1)
-        self.pos[U] = pool(self.pos, p, -1)
-        self.ctx[U] = pool(self.ctx, ctx, -1)
+        F["score"][U] = pool(F["score"], k * sign, -sign * float("inf"))
+        F["act"][U] = pool(F["act"], a, 0.0)
+        F["doc"][U] = pool(F["doc"], d, -1)
+        F["pos"][U] = pool(F["pos"], p, -1)
+        F["ctx"][U] = pool(F["ctx"], ctx, -1)
+        F["ctx_act"][U] = pool(F["ctx_act"], ctx_act, 0.0)
+        F["ctx_score"][U] = pool(F["ctx_score"], ctx_score, 0.0)
 
     def merge(self, other: "TopExamples") -> "TopExamples":
-        """Fold ``other``'s examples into this table (in place); returns self."""
+        """Fold ``other``'s examples (both sides) into this table (in place); returns self."""
         if (other.d_sae, other.n, other.context) != (self.d_sae, self.n, self.context):
             raise InputError(
                 f"cannot merge top examples (d_sae, n, context)={(other.d_sae, other.n, other.context)} "
                 f"into {(self.d_sae, self.n, self.context)}"
             )
-        full = other.doc >= 0
-        if bool(full.any()):
-            rows = full.nonzero(as_tuple=True)[0].to(self.device)
-            f = full.to(self.device)
-            self._offer(rows, other.score.to(self.device)[f], other.act.to(self.device)[f],
-                        other.doc.to(self.device)[f], other.pos.to(self.device)[f], other.ctx.to(self.device)[f])
+        dev = self.device
+        for side in SIDES:
+            O = {f: other._field(side, f).to(dev) for f in _SIDE_FIELDS}
+            full = O["doc"] >= 0
+            if bool(full.any()):
+                rows = full.nonzero(as_tuple=True)[0]
+                ctx, ca, cs = O["ctx"][full], O["ctx_act"][full], O["ctx_score"][full]
+                self._offer(side, rows, O["score"][full], O["act"][full], O["doc"][full], O["pos"][full],
+                            lambda sel, ctx=ctx, ca=ca, cs=cs: (ctx[sel], ca[sel], cs[sel]))
         return self
 
     # ------------------------------------------------------------------ I/O
@@ -193,6 +270,10 @@ class TopExamples:
             score, ctx = d[prefix + "score"], d[prefix + "ctx"]
         except KeyError as e:
             raise InputError(f"top-example tables are missing {e}") from None
+        missing = [f for f in FIELDS if prefix + f not in d]
+        if missing:
+            raise InputError(f"top-example tables are missing {', '.join(missing)} (written by a gradsae "
+                             "without bottom examples and per-token windows; score the corpus again)")
         d_sae, n = score.shape
         out = cls(d_sae, n, (ctx.shape[-1] - 1) // 2, device=device)
         for f in FIELDS:
@@ -207,21 +288,31 @@ class TopExamples:
         return isinstance(other, TopExamples) and all(
             torch.equal(getattr(self, f).cpu(), getattr(other, f).cpu()) for f in FIELDS)
 
-    def rows(self, latent: int) -> list[dict]:
-        """The kept examples of one latent, best first: dicts with doc, pos, score, act,
-        ctx (token ids, -1 removed) and ``center`` (index of the example's token in ctx)."""
+    def rows(self, latent: int, side: str = "top") -> list[dict]:
+        """The kept examples of one latent, best first (``side="bottom"``: the most negative
+        first): dicts with doc, pos, score, act, ctx (token ids, -1 removed), ``acts`` and
+        ``scores`` (the latent's activation and score at each token of ctx) and ``center``
+        (index of the example's token in ctx)."""
+        if side not in SIDES:
+            raise InputError(f"side must be one of {', '.join(SIDES)}, got {side!r}")
+        F = {f: self._field(side, f)[latent] for f in _SIDE_FIELDS}
         out = []
         for r in range(self.n):
-            if int(self.doc[latent, r]) < 0:
+            if int(F["doc"][r]) < 0:
                 break
-            ctx = self.ctx[latent, r].tolist()
+            ctx = F["ctx"][r].tolist()
+            inside = [x >= 0 for x in ctx]
             left = sum(1 for x in ctx[: self.context] if x < 0)
             out.append({
-                "doc": int(self.doc[latent, r]), "pos": int(self.pos[latent, r]),
-                "score": float(self.score[latent, r]), "act": float(self.act[latent, r]),
-                "ctx": [x for x in ctx if x >= 0], "center": self.context - left,
+                "doc": int(F["doc"][r]), "pos": int(F["pos"][r]),
+                "score": float(F["score"][r]), "act": float(F["act"][r]),
+                "ctx": [x for x in ctx if x >= 0],
+                "acts": [v for v, i in zip(F["ctx_act"][r].tolist(), inside) if i],
+                "scores": [v for v, i in zip(F["ctx_score"][r].tolist(), inside) if i],
+                "center": self.context - left,
             })
         return out
 
     def __repr__(self) -> str:
-        return f"TopExamples(d_sae={self.d_sae}, n={self.n}, context={self.context}, filled={int((self.doc >= 0).sum())})"
+        return (f"TopExamples(d_sae={self.d_sae}, n={self.n}, context={self.context}, "
+                f"filled={int((self.doc >= 0).sum())}, bottom={int((self.bottom_doc >= 0).sum())})")

@@ -2,8 +2,8 @@
 
     stats.safetensors     LatentStats.save (per-latent sums, counts, max; tokens)
     examples.safetensors  the raw top-example tables (TopExamples.to_dict)
-    latents.parquet       one row per latent: statistics + top examples with decoded context
-                          (the main output)
+    latents.parquet       one row per latent: statistics + top and bottom examples with decoded
+                          context and per-token values (the main output)
     report.png            influence vs activation frequency, score histogram, top latents
                           (needs matplotlib; skipped with a note without it)
     meta.json             model, SAE, hook, objective and what its sign means, tokens seen,
@@ -38,10 +38,13 @@ def _decoder(tokenizer):
 
 
 def latents_arrow(stats: LatentStats, examples: TopExamples, tokenizer=None):
-    """A pyarrow Table with one row per latent: the statistics and ``top_examples`` (a list,
+    """A pyarrow Table with one row per latent: the statistics, ``top_examples`` (a list,
     best first, of structs doc, pos, score, act, ``token`` (the example's token, decoded),
-    ``left`` and ``right`` (the decoded context before and after it, within its sequence);
-    ``left + token + right`` reads as the text around the example)."""
+    ``left`` and ``right`` (the decoded context before and after it, within its sequence;
+    ``left + token + right`` reads as the text around the example), ``tokens`` (the window's
+    tokens, each decoded on its own), ``acts`` and ``scores`` (the latent's activation and
+    influence at each of those tokens) and ``center`` (the example's index in ``tokens``)) and
+    ``bottom_examples`` (the same structs for the most negative scores, most negative first)."""
     import numpy as np
     import pyarrow as pa
 
@@ -57,30 +60,53 @@ def latents_arrow(stats: LatentStats, examples: TopExamples, tokenizer=None):
         "abs_sum": stats.abs_sum.cpu().numpy(),
         "score_max": stats.score_max.cpu().numpy(),
     }
-    filled = (examples.doc >= 0).cpu()
+    decode = _decoder(tokenizer)
+    table = pa.table(cols)
+    for side, name in (("top", "top_examples"), ("bottom", "bottom_examples")):
+        table = table.append_column(name, _examples_arrow(examples, side, decode))
+    return table
+
+
+def _examples_arrow(examples: TopExamples, side: str, decode):
+    """One side's examples as a list-of-structs column (see :func:`latents_arrow`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    pre = "" if side == "top" else "bottom_"
+    field = lambda f: getattr(examples, pre + f).cpu()  # noqa: E731
+    filled = field("doc") >= 0
     rows, cols_ = filled.nonzero(as_tuple=True)  # row-major: latent, then rank (best first)
     c = examples.context
-    # a token position is among the top examples of several latents: decode each distinct
+    all_ctx = field("ctx")[rows, cols_]
+    # a token position is among the examples of several latents: decode each distinct
     # context window once
-    windows, which = torch.unique(examples.ctx.cpu()[rows, cols_], dim=0, return_inverse=True)
+    windows, which = torch.unique(all_ctx, dim=0, return_inverse=True)
     ctx = windows.tolist()
-    decode = _decoder(tokenizer)
     left = decode([[t for t in x[:c] if t >= 0] for x in ctx])
     right = decode([[t for t in x[c + 1:] if t >= 0] for x in ctx])
-    centers = [x[c] for x in ctx]
-    uniq = sorted(set(centers))
+    uniq = sorted({t for x in ctx for t in x if t >= 0})
     piece = dict(zip(uniq, decode([[t] for t in uniq])))
-    tokens = [piece[t] for t in centers]
     which = which.numpy()
-    token = pa.array(tokens, pa.string()).take(which)
+    token = pa.array([piece[x[c]] for x in ctx], pa.string()).take(which)
+    # the window, per token: ids (-1 outside the sequence removed), activations, scores
+    inside = (all_ctx >= 0).numpy()
+    flat_ids = all_ctx.numpy()[inside]
+    lens = inside.sum(1)
+    win_off = pa.array(np.concatenate([[0], np.cumsum(lens)]).astype(np.int32))
+    ids_u, inv = np.unique(flat_ids, return_inverse=True)
+    pieces = pa.array([piece[int(t)] for t in ids_u], pa.string()).take(pa.array(inv.reshape(-1)))
+    acts = pa.array(field("ctx_act")[rows, cols_].numpy()[inside])
+    scores = pa.array(field("ctx_score")[rows, cols_].numpy()[inside])
+    center = (c - (~inside[:, :c]).sum(1)).astype(np.int64)
     struct = pa.StructArray.from_arrays(
-        [pa.array(examples.doc.cpu()[rows, cols_].numpy()), pa.array(examples.pos.cpu()[rows, cols_].numpy()),
-         pa.array(examples.score.cpu()[rows, cols_].numpy()), pa.array(examples.act.cpu()[rows, cols_].numpy()),
-         token, pa.array(left, pa.string()).take(which), pa.array(right, pa.string()).take(which)],
-        names=["doc", "pos", "score", "act", "token", "left", "right"])
+        [pa.array(field("doc")[rows, cols_].numpy()), pa.array(field("pos")[rows, cols_].numpy()),
+         pa.array(field("score")[rows, cols_].numpy()), pa.array(field("act")[rows, cols_].numpy()),
+         token, pa.array(left, pa.string()).take(which), pa.array(right, pa.string()).take(which),
+         pa.ListArray.from_arrays(win_off, pieces), pa.ListArray.from_arrays(win_off, acts),
+         pa.ListArray.from_arrays(win_off, scores), pa.array(center)],
+        names=["doc", "pos", "score", "act", "token", "left", "right", "tokens", "acts", "scores", "center"])
     offsets = np.concatenate([[0], np.cumsum(filled.sum(1).numpy())]).astype(np.int32)
-    table = pa.table(cols)
-    return table.append_column("top_examples", pa.ListArray.from_arrays(pa.array(offsets), struct))
+    return pa.ListArray.from_arrays(pa.array(offsets), struct)
 
 
 def latents_table(stats: LatentStats, examples: TopExamples, tokenizer=None):
