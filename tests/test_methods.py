@@ -1,0 +1,232 @@
+"""Attribution methods beyond the first-order score (gradsae.model.methods) against independent
+dense float64 recipes: integrated gradients, exact zero-ablation, the error node and the
+counterfactual (attribution-patching) baseline. The recipes below use the SAE's raw weights,
+dense latents, forward hooks and autograd only (tests/tiny_models), no gradsae code."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tiny_models as tm
+import torch
+from oracle import random_sae
+
+from gradsae.errors import GradSAEWarning, InputError
+from gradsae.model import GradSAE
+
+D = 32
+HOOK = "blocks.0.hook_resid_post"
+TEXT = "the question is what king was in the north"
+CORRUPT = "the answer is what queen was in the south"  # same token count as TEXT
+
+
+def setup(arch="llama", mode="splice", seed=0, d_sae=96, k=6, activation="topk"):
+    m = tm.model(arch, d=D, scale=3.0, seed=seed).double()
+    sae = random_sae(D, d_sae, activation, k=k, dtype=torch.float64, seed=seed + 1)
+    tok = tm.tokenizer()
+    return m, sae, tok, GradSAE(m, sae, hook=HOOK, mode=mode, tokenizer=tok)
+
+
+def ids_of(tok, text):
+    return tok(text, return_tensors="pt")["input_ids"][0]
+
+
+def close(a, b, rtol, atol=0.0):
+    a, b = a.double(), b.double()
+    err = (a - b).abs()
+    bound = atol + rtol * b.abs().max()
+    assert bool((err <= bound).all()), f"max error {float(err.max()):.3e}, bound {float(bound):.3e}"
+
+
+TARGET = 7  # IG's objective: the log-probability of a fixed token (smooth along the path)
+
+
+def logprob_y(logits):
+    return logits[:, -1].log_softmax(-1)[:, TARGET]
+
+
+def dense_y(m, sae, ids, mode="splice", edit=None, objective=None):
+    """Y of the model with the SAE spliced densely (tests/tiny_models.DenseSplice), no grad."""
+    hook = tm.DenseSplice(tm.layer_module(m, 0), sae, mode, edit=edit)
+    try:
+        with torch.no_grad():
+            logits = m(ids).logits
+    finally:
+        hook.remove()
+    return objective(logits) if objective is not None else logits[:, -1].softmax(-1).max(-1).values
+
+
+# ------------------------------------------------------------------------------------ IG
+class LinearLM(torch.nn.Module):
+    """Embedding -> linear -> hook (an Identity) -> linear head: the logits are affine in the
+    hook's output, so any objective linear in the logits is linear in the SAE's latents."""
+
+    def __init__(self, vocab=tm.VOCAB, d=D):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.inner = torch.nn.Linear(d, d)
+        self.hook = torch.nn.Identity()
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        h = self.hook(torch.tanh(self.inner(self.emb(input_ids))))
+        return SimpleNamespace(logits=self.head(h))
+
+
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_ig_equals_first_order_when_y_is_linear_in_z(mode):
+    m = LinearLM().double().eval()
+    sae = random_sae(D, 64, "topk", k=5, dtype=torch.float64)
+    sc = GradSAE(m, sae, hook="hook", mode=mode)
+    ids = torch.randint(4, tm.VOCAB, (2, 6))
+    obj = lambda logits, input_ids, mask: logits[:, -1, 7] - 0.5 * logits[:, 2, 3]  # noqa: E731
+    g = sc.attribute(ids, objective=obj)
+    for steps in (1, 3, 8):
+        ig = sc.attribute(ids, objective=obj, method="ig", steps=steps)
+        assert ig.method == f"ig{steps}"
+        assert torch.equal(ig.influence.indices, g.influence.indices)
+        close(ig.influence.acts, g.influence.acts, 1e-12)
+        close(ig.influence.grads, g.influence.grads, 1e-10)
+        close(ig.influence.scores, g.influence.scores, 1e-10)
+        close(ig.objective, g.objective, 1e-12)
+    assert bool((g.influence.scores != 0).any())
+
+
+def dense_ig(m, sae, ids, nodes: int = 48, mode="splice"):
+    """The path integral z * int_0^1 dY/dz(alpha z) d alpha, dense and in float64, by
+    Gauss-Legendre quadrature (all nodes in one batch: row i carries alpha_i * z), with
+    Y(z) and Y(0). Returns (ig [T, d_sae], Y(z), Y(0))."""
+    xs, ws = np.polynomial.legendre.leggauss(nodes)
+    alphas = torch.tensor((xs + 1) / 2, dtype=torch.float64)
+    weights = torch.tensor(ws / 2, dtype=torch.float64)
+    seen = {}
+
+    def hook(mod, args, out):
+        x = (out[0] if isinstance(out, tuple) else out).detach()
+        z = tm.dense_encode(sae, x)
+        zs = (alphas.view(-1, 1, 1) * z).requires_grad_(True)
+        seen["z"], seen["zs"] = z, zs
+        xh = tm.dense_decode(sae, zs)
+        if mode == "error":
+            xh = xh + (x - tm.dense_decode(sae, z))
+        return (xh,) + tuple(out[1:]) if isinstance(out, tuple) else xh
+
+    h = tm.layer_module(m, 0).register_forward_hook(hook)
+    try:
+        y = logprob_y(m(ids.expand(nodes, -1)).logits)
+        (weights * y).sum().backward()
+    finally:
+        h.remove()
+        m.zero_grad(set_to_none=True)
+    z = seen["z"][0]
+    integral = seen["zs"].grad.sum(0)  # sum_i w_i dY/dz(alpha_i z): the weights are in the objective
+    y1 = dense_y(m, sae, ids[:1], mode, objective=logprob_y)
+    y0 = dense_y(m, sae, ids[:1], mode, edit=lambda zz: zz * 0, objective=logprob_y)
+    return z * integral, float(y1[0]), float(y0[0])
+
+
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_ig_converges_to_dense_path_integral(mode):
+    m, sae, tok, sc = setup("llama", mode=mode, seed=3)
+    ids = ids_of(tok, TEXT)[None]
+    ref, y1, y0 = dense_ig(m, sae, ids, mode=mode)
+    errs = []
+    for steps in (2, 8, 32):
+        attr = sc.attribute(ids, objective="logprob", target=TARGET, method="ig", steps=steps)
+        inf = attr.influence
+        valid = inf.indices[0] >= 0
+        got = torch.zeros_like(ref)
+        got.scatter_add_(1, inf.indices[0].clamp(min=0), torch.where(valid, inf.scores[0], 0.0))
+        errs.append(float((got - ref).abs().max()))
+        assert abs(float(attr.objective[0]) - y1) <= 1e-12
+    scale = float(ref.abs().max())
+    assert scale > 0
+    # the midpoint rule converges as 1/N^2: each 4x more steps cuts the error
+    assert errs[1] < errs[0] and errs[2] < errs[1], errs
+    assert errs[2] <= 1e-2 * scale, (errs, scale)
+    # completeness: the IG scores add up to Y(z) - Y(0)
+    assert abs(float(ref.sum()) - (y1 - y0)) <= 1e-6 * max(1.0, abs(y1 - y0))
+    assert abs(float(got.sum()) - (y1 - y0)) <= 5e-3 * float(ref.abs().sum())
+
+
+def test_ig_scores_reduce_and_bad_input():
+    m, sae, tok, sc = setup("gpt2")
+    res = sc.score(TEXT, method="ig", steps=4)
+    assert res.method == "ig4" and bool((res.scores >= 0).all())
+    with pytest.raises(InputError, match="method must be one of"):
+        sc.score(TEXT, method="shap")
+    with pytest.raises(InputError, match="steps must be"):
+        sc.score(TEXT, method="ig", steps=0)
+    with pytest.raises(InputError, match="zero baseline"):
+        sc.score(TEXT, method="ig", baseline=CORRUPT)
+    with pytest.raises(InputError, match="score"):
+        sc.attribute(TEXT, method="exact")
+
+
+# ------------------------------------------------------------------------------------ exact
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_exact_equals_rerun_with_latent_zeroed(mode):
+    m, sae, tok, sc = setup("gpt2", mode=mode, seed=5)
+    ids = ids_of(tok, TEXT)[None]
+    first = sc.score(ids[0])
+    lat = first.top(5, strict=False).tolist() + [int(torch.nonzero(~first.active)[0])]  # + one inactive latent
+    ex = sc.score(ids[0], method="exact", latents=lat, sign="signed")
+    assert ex.method == "exact"
+    assert ex.evaluated.nonzero().flatten().tolist() == sorted(lat)
+    y_clean = float(dense_y(m, sae, ids, mode)[0])
+    assert abs(ex.objective - y_clean) <= 1e-12
+    for j in lat:
+        def edit(z, j=j):
+            z = z.clone()
+            z[..., j] = 0
+            return z
+        want = y_clean - float(dense_y(m, sae, ids, mode, edit=edit)[0])
+        assert abs(float(ex.scores[j]) - want) <= 1e-10 * max(1.0, abs(want)), (j, float(ex.scores[j]), want)
+    assert abs(float(ex.scores[lat[-1]])) <= 1e-12  # the inactive latent changes nothing
+    assert any(float(ex.scores[j]) != 0 for j in lat[:-1])
+    # Top-K of the exact result ranks the evaluated latents by their measured effect
+    top = ex.top(3)
+    assert set(top.tolist()) <= set(lat)
+    assert bool((ex.scores[top][:-1] >= ex.scores[top][1:]).all())
+
+
+def test_exact_batched_padded_and_budget():
+    m, sae, _, _ = setup("llama", seed=7)
+    m = m.float()
+    sae = sae.to(dtype=torch.float32)
+    tok = tm.tokenizer(padding_side="left")
+    sc = GradSAE(m, sae, hook=HOOK, tokenizer=tok)
+    texts = [TEXT, "answer : the river of fire"]
+    ex = sc.score(texts, method="exact", latents=4, sign="signed")
+    for text, got in zip(texts, ex):
+        one = sc.score(text, method="exact", latents=4, sign="signed")
+        assert torch.equal(got.evaluated, one.evaluated)
+        close(got.scores, one.scores, 1e-4, atol=1e-6)
+        ids = ids_of(tok, text)[None]
+        for j in got.evaluated.nonzero().flatten().tolist():
+            def edit(z, j=j):
+                z = z.clone()
+                z[..., j] = 0
+                return z
+            want = float(dense_y(m, sae, ids)[0] - dense_y(m, sae, ids, edit=edit)[0])
+            assert abs(float(got.scores[j]) - want) <= 1e-4 * max(1e-2, abs(want))
+    # many ablations in one forward give the same numbers as one per forward
+    from gradsae.model.methods import ablation_effects
+
+    ids, mask = sc.encode_batch(texts)
+    lists = [e.evaluated.nonzero().flatten().tolist() for e in ex]
+    y1, e1 = ablation_effects(sc, ids, mask, lists, "predicted_prob", -1, {}, tokens_per_forward=1)
+    y2, e2 = ablation_effects(sc, ids, mask, lists, "predicted_prob", -1, {})
+    for a, b in zip(e1, e2):
+        close(a, b, 1e-4, atol=1e-6)
+    # the budget keeps the first latents of each list
+    with pytest.warns(GradSAEWarning, match="budget"):
+        cut = sc.score(texts, method="exact", latents=4, budget=2, sign="signed")
+    for c, full in zip(cut, ex):
+        assert int(c.evaluated.sum()) == 2
+    with pytest.raises(InputError, match="budget"):
+        sc.score(TEXT, method="exact", budget=0)
+    with pytest.raises(InputError, match=r"\[0, 96\)"):
+        sc.score(TEXT, method="exact", latents=[3, 500])
