@@ -230,3 +230,102 @@ def test_exact_batched_padded_and_budget():
         sc.score(TEXT, method="exact", budget=0)
     with pytest.raises(InputError, match=r"\[0, 96\)"):
         sc.score(TEXT, method="exact", latents=[3, 500])
+
+
+# ------------------------------------------------------------------------------------ error node, baseline
+def dense_run(m, sae, ids, mode, objective):
+    """One dense float64 forward/backward with the SAE spliced at layer 0 (``mode``): returns
+    the hook input x, dense z, dY/dz (retain_grad), D = dY/d(hook output) (retain_grad) and Y."""
+    rec = {}
+
+    def hook(mod, args, out):
+        x = (out[0] if isinstance(out, tuple) else out).detach()
+        z = tm.dense_encode(sae, x).requires_grad_(True)
+        xh = tm.dense_decode(sae, z)
+        if mode == "error":
+            xh = xh + (x - tm.dense_decode(sae, z)).detach()
+        xh.retain_grad()
+        rec.update(x=x, z=z, out=xh)
+        return (xh,) + tuple(out[1:]) if isinstance(out, tuple) else xh
+
+    h = tm.layer_module(m, 0).register_forward_hook(hook)
+    try:
+        y = objective(m(ids).logits)
+        y.sum().backward()
+    finally:
+        h.remove()
+        m.zero_grad(set_to_none=True)
+    return rec["x"], rec["z"].detach(), rec["z"].grad, rec["out"].grad, y.detach()
+
+
+def per_token(inf, d_sae):
+    """Dense ``[B, T, d_sae]`` of an Influence's scores (a latent's slots added)."""
+    B, T, _ = inf.indices.shape
+    out = torch.zeros(B, T, d_sae, dtype=torch.float64)
+    valid = inf.indices >= 0
+    out.scatter_add_(2, inf.indices.clamp(min=0), torch.where(valid, inf.scores.double(), 0.0))
+    return out
+
+
+def nll(logits, ids):
+    return torch.stack([torch.nn.functional.cross_entropy(lg[:-1], t[1:]) for lg, t in zip(logits, ids)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_error_node_completes_the_chain_rule(arch):
+    """Error mode: the hook's output is x = x_hat + e with x_hat = z @ W_dec + b_dec (no input
+    normalisation) and e = x - x_hat. With D = dY/dx (the model's own forward, by float64
+    autograd), the chain rule splits D . x exactly:
+
+        error node (e . D)  +  sum over latents j of z_j * dY/dz_j  +  b_dec . D  ==  D . x
+
+    per token, because dY/dz_j = W_dec[j] . D. The error node alone is e . D."""
+    m, sae, tok, sc = setup(arch, mode="error", seed=11)
+    ids = torch.randint(4, tm.VOCAB, (2, 7))
+    attr = sc.attribute(ids, objective="loss")
+    assert attr.error is not None and attr.error.shape == (2, 7)
+    x, z, _, Dd, y = dense_run(m, sae, ids, "error", lambda lg: nll(lg, ids))
+    close(attr.objective, y, 1e-12)
+    lhs = attr.error.double() + per_token(attr.influence, sae.d_sae).sum(-1) + Dd @ sae.b_dec.double()
+    rhs = (Dd * x).sum(-1)
+    close(lhs, rhs, 1e-10, atol=1e-12)
+    e = x - tm.dense_decode(sae, z)
+    close(attr.error, (e * Dd).sum(-1), 1e-10, atol=1e-12)
+    assert float(attr.error.abs().max()) > 0
+    # reduced next to the latents: signed sum over positions; splice mode has no error node
+    res = sc.reduce(attr, reduce="sum", sign="signed")
+    for b in range(2):
+        assert abs(res[b].error - float(attr.error[b].sum())) <= 1e-12 * max(1.0, abs(res[b].error))
+    assert sc.attribute(ids, objective="loss", error_node=False).error is None
+    assert GradSAE(m, sae, hook=HOOK, mode="splice").attribute(ids, objective="loss").error is None
+
+
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_counterfactual_baseline_equals_dense_recipe(mode):
+    m, sae, tok, sc = setup("llama", mode=mode, seed=13)
+    clean, corrupt = ids_of(tok, TEXT)[None], ids_of(tok, CORRUPT)[None]
+    assert clean.shape == corrupt.shape
+    pp = lambda lg: lg[:, -1].softmax(-1).max(-1).values  # noqa: E731
+    xp, zp, _, _, _ = dense_run(m, sae, corrupt, mode, pp)
+    x, z, g, Dd, y = dense_run(m, sae, clean, mode, pp)
+    want = (z - zp) * g  # [1, T, d_sae]: attribution patching at the clean prompt
+    attr = sc.attribute(TEXT, objective="predicted_prob", baseline=CORRUPT)
+    assert attr.method == "grad-baseline"
+    got = per_token(attr.influence, sae.d_sae)
+    close(got, want, 1e-9, atol=1e-13)
+    assert bool((want != 0).any())
+    # no latent has two slots at one token
+    for row in attr.influence.indices.reshape(-1, attr.influence.indices.shape[-1]):
+        r = row[row >= 0]
+        assert r.unique().numel() == r.numel()
+    res = sc.score(TEXT, baseline=CORRUPT, reduce="sum", sign="signed")
+    close(res.scores, want[0].sum(0), 1e-9, atol=1e-13)
+    assert res.method == "grad-baseline" and abs(res.objective - float(y[0])) <= 1e-12
+    if mode == "error":
+        e_clean = x - tm.dense_decode(sae, z)
+        e_corrupt = xp - tm.dense_decode(sae, zp)
+        close(attr.error, ((e_clean - e_corrupt) * Dd).sum(-1), 1e-9, atol=1e-13)
+    else:
+        assert attr.error is None
+    with pytest.raises(InputError, match="same number of prompts and of tokens"):
+        sc.score(TEXT, baseline="the king")
