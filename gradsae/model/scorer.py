@@ -310,6 +310,16 @@ class GradSAE:
         res = self.reduce(attr, reduce, sign)
         return res[0] if single else res
 
+    def validate(self, prompts, K: int = 10, steps: int = 16, budget: int | None = 64, objective="predicted_prob",
+                 position: int = -1, batch_size: int = 16, **objective_kwargs):
+        """How well the first-order score agrees with integrated gradients and exact ablation on
+        ``prompts``: a :class:`~gradsae.model.validate.Validation` (correlations, sign agreement,
+        Top-K overlap, per-latent table). See :func:`gradsae.model.validate.validate`."""
+        from .validate import validate
+
+        return validate(self, prompts, K=K, steps=steps, budget=budget, objective=objective, position=position,
+                        batch_size=batch_size, **objective_kwargs)
+
     # ------------------------------------------------------------------ interventions
     @contextmanager
     def intervene(self, zero=(), set=None, add=None, positions: str = "all"):
