@@ -12,7 +12,8 @@ validate.csv (one row per prompt and latent), validate.json and validate.png (sc
 needs matplotlib) into --out.
 
 With --demo, the prompts are fresh key-value lookups of the demo's task cut after
-"Result = [[", so Y (predicted_prob) is the probability of the answer token.
+"Result = [[", so Y (predicted_prob) is the probability of the answer token (--mode, --hook and
+--backend apply; the model runs on the CPU).
 """
 
 from __future__ import annotations
@@ -112,12 +113,16 @@ def run(args) -> int:
         import torch
         from transformers.utils import logging as hf_logging
 
-        from ..demo import task
-        from ..demo.study import EVAL_SEED, build_scorer
+        from .. import GradSAE
+        from ..demo import bundle, task
+        from ..demo.study import EVAL_SEED
 
         hf_logging.disable_progress_bar()
         torch.set_num_threads(1)  # a 64-wide model: more threads only add overhead
-        scorer = build_scorer(args.demo_sae)
+        model, tok = bundle.load_model()
+        sae = bundle.load_demo_sae(args.demo_sae)
+        scorer = GradSAE(model, sae, hook=args.hook or sae.hook_name, mode=args.mode, tokenizer=tok,
+                         backend=args.backend)
         prompts = [e.prompt for e in task.examples(args.prompts or 60, EVAL_SEED + 7)]
     else:
         from ._model import build_scorer
