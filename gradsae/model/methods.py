@@ -5,7 +5,7 @@ GradSAE's score ``z * dY/dz`` is the first-order estimate of ``Y(z) - Y(z with z
 This module computes, for the same spliced model and objective:
 
 - ``ig`` (:func:`attribute_ig`): integrated gradients along the straight path from the zero
-  baseline to z, at the SAE's latents. ``steps`` forward/backward passes, the latents of every
+  baseline (or a corrupt prompt's latents, ``baseline=``) to z, at the SAE's latents. ``steps`` forward/backward passes, the latents of every
   token scaled by ``alpha_m = (m + 1/2) / steps`` (midpoint rule) inside the spliced forward;
   the score of slot ``(t, j)`` is ``z[t, j] * mean_m dY/dz[t, j](alpha_m z)``. The active set
   is that of the clean pass (the encode of the hook's input, which the scaling does not
@@ -62,8 +62,8 @@ class _Edit:
 
     positions = "all"
 
-    def __init__(self, fn=None, stop: bool = False):
-        self.fn, self.stop = fn, stop
+    def __init__(self, fn=None, stop: bool = False, extra=None):
+        self.fn, self.stop, self.extra = fn, stop, extra
         self.seen: list = []
 
     def apply(self, sae, idx, acts, x, pos):
@@ -71,7 +71,8 @@ class _Edit:
         if self.stop:
             raise _Stop
         new = acts if self.fn is None else self.fn(idx, acts)
-        return new, torch.zeros((), dtype=sae.dtype, device=acts.device)
+        add = torch.zeros((), dtype=sae.dtype, device=acts.device) if self.extra is None else self.extra(sae, x)
+        return new, add
 
 
 @contextmanager
@@ -155,6 +156,43 @@ def _merge_slots(idx_a, val_a, idx_b, val_b):
     return idx, val
 
 
+def _corrupt_state(scorer, ids, mask, baseline, baseline_mask):
+    """``(idx, acts, x)`` of the corrupt prompt(s) ``baseline`` at the hook, checked to align
+    with the clean batch ``ids``/``mask`` position by position (one corrupt prompt serves a
+    whole batch of clean prompts of its length)."""
+    cids, cmask = scorer.encode_batch(baseline, baseline_mask)
+    if cids.shape[0] == 1 and ids.shape[0] > 1:
+        cids, cmask = cids.expand(ids.shape[0], -1), cmask.expand(ids.shape[0], -1)
+    if cids.shape != ids.shape or not torch.equal(cmask, mask):
+        n_clean, n_corrupt = mask.sum(-1).tolist(), cmask.sum(-1).tolist()
+        raise InputError(
+            "a counterfactual baseline aligns positions one to one, so it needs the same number of prompts "
+            f"and of tokens per prompt (padded alike): clean {n_clean} tokens, baseline {n_corrupt}"
+        )
+    return capture(scorer, cids, cmask)
+
+
+def _hook_grad(grads: list, sae) -> torch.Tensor:
+    """The one recorded ``dY/d(hook output)``, as ``[B, T, d_in]`` in the SAE's dtype."""
+    D = grads[0]
+    if D.dim() == 4 and D.shape[-1] != sae.d_in:  # per-head hook (hook_z): the SAE reads them flattened
+        D = D.flatten(-2)
+    return D.to(sae.dtype)
+
+
+def _union(inf: Influence, g_clean, pidx, pacts, g_corrupt, mask) -> Influence:
+    """The clean slots of ``inf`` and the corrupt slots ``pidx`` as one set per token (a latent
+    active in both keeps its clean slot): ``acts = z_clean - z_corrupt``, ``grads`` from
+    ``g_clean`` (clean slots) and ``g_corrupt`` (corrupt slots), ``scores`` their product."""
+    idx, delta = _merge_slots(inf.indices, inf.acts, pidx, -pacts.to(inf.acts.dtype))
+    grads = torch.cat([g_clean.to(delta.dtype), g_corrupt.to(delta.dtype)], -1)
+    valid = mask.unsqueeze(-1) & (idx >= 0)
+    grads = torch.where(valid, grads, torch.zeros_like(grads))
+    delta = torch.where(valid, delta, torch.zeros_like(delta))
+    idx = torch.where(valid, idx, torch.full_like(idx, -1))
+    return Influence(idx, delta, grads, delta * grads, inf.d_sae)
+
+
 # ---------------------------------------------------------------------------- grad
 def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", position: int = -1, *,
                    baseline=None, baseline_mask=None, error_node: bool = True, **kw):
@@ -174,16 +212,7 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
     if baseline is not None:
         if kw.get("stats") is not None:
             raise InputError("a statistics sink (stats=) takes first-order scores only; drop baseline=")
-        cids, cmask = scorer.encode_batch(baseline, baseline_mask)
-        if cids.shape[0] == 1 and ids.shape[0] > 1:
-            cids, cmask = cids.expand(ids.shape[0], -1), cmask.expand(ids.shape[0], -1)
-        if cids.shape != ids.shape or not torch.equal(cmask, mask):
-            n_clean, n_corrupt = mask.sum(-1).tolist(), cmask.sum(-1).tolist()
-            raise InputError(
-                "a counterfactual baseline aligns positions one to one, so it needs the same number of prompts "
-                f"and of tokens per prompt (padded alike): clean {n_clean} tokens, baseline {n_corrupt}"
-            )
-        corrupt = capture(scorer, cids, cmask)
+        corrupt = _corrupt_state(scorer, ids, mask, baseline, baseline_mask)
     cap = _Edit()
     sp = scorer.splice
     with sp, sp.editing(cap), _grad_at_hook(scorer.point) as grads:
@@ -192,11 +221,7 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
         raise InputError(f"the hook {scorer.point.name!r} ran {len(cap.seen)} times in one forward; expected once")
     sae = scorer.sae
     idx, acts, x = cap.seen[0]
-    D = grads[0]
-    if D.dim() == 4 and D.shape[-1] != sae.d_in:  # per-head hook (hook_z): the SAE reads them flattened
-        D = D.flatten(-2)
-    D = D.to(sae.dtype)
-    keep = mask.unsqueeze(-1)
+    D = _hook_grad(grads, sae)
     inf = attr.influence
     err = None
     if want_error:
@@ -204,15 +229,7 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
     if corrupt is not None:
         pidx, pacts, px = corrupt
         g_p = influence_at(pidx, pacts, D, sae, x=x, backend=sp.backend).grads  # dY/dz at clean, corrupt's latents
-        # merge: a latent active in both keeps the clean slot with z_clean - z_corrupt
-        n_idx, n_delta = _merge_slots(inf.indices, inf.acts, pidx, -pacts.to(inf.acts.dtype))
-        _, n_grad = _merge_slots(inf.indices, inf.grads, pidx, torch.zeros_like(g_p))
-        n_grad = torch.cat([n_grad[..., :inf.indices.shape[-1]], g_p.to(n_grad.dtype)], -1)
-        valid = keep & (n_idx >= 0)
-        zero = lambda t: torch.where(valid, t, torch.zeros_like(t))  # noqa: E731
-        n_grad = zero(n_grad)
-        inf = Influence(torch.where(valid, n_idx, torch.full_like(n_idx, -1)), zero(n_delta), n_grad,
-                        zero(n_delta * n_grad), inf.d_sae)
+        inf = _union(inf, inf.grads, pidx, pacts, g_p, mask)
         if want_error:
             e = e - _error_term(sae, pidx, pacts, px)
     if want_error:
@@ -224,39 +241,55 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
 # ---------------------------------------------------------------------------- ig
 def attribute_ig(scorer, input_ids, attention_mask=None, objective="loss", position: int = -1, *,
                  steps: int = DEFAULT_STEPS, baseline=None, stats=None, **kw):
-    """Integrated gradients at the SAE's latents from the zero baseline (module docstring):
-    ``steps`` forward/backward passes with every active latent scaled by
-    ``alpha_m = (m + 1/2) / steps``. Returns an :class:`Attribution` whose ``grads`` are the
-    mean of dY/dz over the steps and ``scores = acts * grads``; ``objective`` is Y of the clean
-    prompt (one more forward, without gradients)."""
+    """Integrated gradients at the SAE's latents (module docstring): ``steps``
+    forward/backward passes along the straight path from the baseline to the clean latents z,
+    at ``alpha_m = (m + 1/2) / steps``. The baseline is zero (every active latent scaled by
+    ``alpha_m``), or, with ``baseline=`` a corrupt prompt of the same token counts, its latents
+    ``z'`` at the same positions (``z' + alpha_m (z - z')``: the clean slots scaled, the corrupt
+    latents added to the hook's output with weight ``1 - alpha_m``; the slots then hold the
+    union of both active sets, ``acts = z - z'``).
+
+    Returns an :class:`Attribution` whose ``grads`` are the mean of dY/dz over the steps and
+    ``scores = acts * grads``; ``objective`` is Y of the clean prompt (one more forward,
+    without gradients)."""
+    from .splice import delta_decode
+
     check_method("ig", steps)
-    if baseline is not None:
-        raise InputError("method='ig' integrates from the zero baseline; a counterfactual baseline= works with "
-                         "method='grad' (attribution patching)")
     if stats is not None:
         raise InputError("a statistics sink (stats=) takes first-order scores only; use method='grad'")
     ids, mask = scorer.encode_batch(input_ids, attention_mask)
-    total, first = None, None
-    sp = scorer.splice
+    corrupt = None if baseline is None else _corrupt_state(scorer, ids, mask, baseline, None)
+    total, total_p, first = None, None, None
+    sp, sae = scorer.splice, scorer.sae
     for m in range(steps):
         alpha = (m + 0.5) / steps
-        edit = _Edit(lambda idx, acts, a=alpha: acts * a)
-        with sp, sp.editing(edit):
+        extra = None
+        if corrupt is not None:
+            pidx, pacts, _ = corrupt
+            extra = lambda sae_, x, w=1.0 - alpha: delta_decode(sae_, pidx, pacts * w, x)  # noqa: E731
+        edit = _Edit(lambda idx, acts, a=alpha: acts * a, extra=extra)
+        with sp, sp.editing(edit), _grad_at_hook(scorer.point) as grads:
             attr = scorer.attribute(ids, mask, objective, position, error_node=False, **kw)
         g = attr.influence.grads
         total = g.clone() if total is None else total + g
         if first is None:
             first = attr
-            idx0, acts0, _ = edit.seen[0]
+            idx0, acts0, x0 = edit.seen[0]
         elif not torch.equal(attr.influence.indices, first.influence.indices):  # pragma: no cover - defensive
             raise InputError("the active set changed between integration steps (non-deterministic encode?)")
+        if corrupt is not None:
+            gp = influence_at(pidx, pacts, _hook_grad(grads, sae), sae, x=x0, backend=sp.backend).grads
+            total_p = gp.clone() if total_p is None else total_p + gp
     keep = mask.unsqueeze(-1) & (idx0 >= 0)
     acts = torch.where(keep, acts0, torch.zeros_like(acts0)).to(total.dtype)
     grads = total / steps
     inf = Influence(first.influence.indices, acts, grads, acts * grads, first.influence.d_sae)
+    if corrupt is not None:
+        inf = _union(inf, grads, pidx, pacts, total_p / steps, mask)
     with _nograd_splice(scorer, mask, _Edit()):
         y = _y_nograd(scorer, ids, mask, objective, position, objective_kwargs(kw))
-    return dataclasses.replace(first, influence=inf, objective=y, logits=None, error=None, method=f"ig{steps}")
+    return dataclasses.replace(first, influence=inf, objective=y, logits=None, error=None,
+                               method=f"ig{steps}" + ("" if corrupt is None else "-baseline"))
 
 
 # ---------------------------------------------------------------------------- exact
