@@ -351,3 +351,15 @@ def test_ig_from_a_counterfactual_baseline_matches_dense_path_integral(mode):
     g = sc.attribute(clean, objective="logprob", target=TARGET, baseline=corrupt)
     assert torch.equal(g.influence.indices, attr.influence.indices)
     close(g.influence.acts, attr.influence.acts, 1e-12)
+
+
+def test_exact_needs_one_objective_value_per_example():
+    m, sae, tok, sc = setup("gpt2")
+    with pytest.raises(InputError, match="one value per example"):
+        sc.score(TEXT, method="exact", latents=3, objective=lambda lg, ids, mask: lg[:, -1, 3].sum())
+    # a [batch] callable works, and equals the named objective it spells out
+    fn = lambda lg, ids, mask: lg[:, -1].log_softmax(-1)[:, 5]  # noqa: E731
+    a = sc.score(TEXT, method="exact", latents=3, objective=fn, sign="signed")
+    b = sc.score(TEXT, method="exact", latents=3, objective="logprob", target=5, sign="signed")
+    assert torch.equal(a.evaluated, b.evaluated)
+    close(a.scores, b.scores, 1e-9, atol=1e-13)

@@ -5,13 +5,14 @@ GradSAE's score ``z * dY/dz`` is the first-order estimate of ``Y(z) - Y(z with z
 This module computes, for the same spliced model and objective:
 
 - ``ig`` (:func:`attribute_ig`): integrated gradients along the straight path from the zero
-  baseline (or a corrupt prompt's latents, ``baseline=``) to z, at the SAE's latents. ``steps`` forward/backward passes, the latents of every
+  baseline to z, at the SAE's latents. ``steps`` forward/backward passes, the latents of every
   token scaled by ``alpha_m = (m + 1/2) / steps`` (midpoint rule) inside the spliced forward;
   the score of slot ``(t, j)`` is ``z[t, j] * mean_m dY/dz[t, j](alpha_m z)``. The active set
   is that of the clean pass (the encode of the hook's input, which the scaling does not
   change), so memory stays ``O(T * k)`` per step. In error mode the error term stays at its
   clean value along the path. As ``steps`` grows the sum over all slots tends to
-  ``Y(z) - Y(0)`` (completeness).
+  ``Y(z) - Y(0)`` (completeness). With ``baseline=`` (a corrupt prompt), the path starts at
+  its latents ``z'`` instead and the sum tends to ``Y(z) - Y(z')``.
 - ``exact`` (:func:`score_exact`): zero-ablate one latent at every position of a prompt and
   measure ``Y(clean) - Y(ablated)``, many ablations per forward (the prompt repeated in the
   batch, one latent zeroed per row), at most ``budget`` ablations per prompt.
@@ -19,7 +20,7 @@ This module computes, for the same spliced model and objective:
   per token, the first-order score of the SAE's error term, in :attr:`Attribution.error`.
 - a **counterfactual baseline** (attribution patching, :func:`attribute_grad` with
   ``baseline=``): ``(z_clean - z_corrupt) * dY/dz`` with the gradient at the clean prompt,
-  positions aligned one to one (both prompts must have the same tokens count, as in Sparse
+  positions aligned one to one (both prompts must have the same token count, as in Sparse
   Feature Circuits); in error mode the error node becomes ``(e_clean - e_corrupt) . D``.
 
 Sign: every method estimates (or measures) ``Y(clean) - Y(without the latent)``, so a positive
@@ -112,7 +113,10 @@ def _y_nograd(scorer, ids, mask, objective, position, kw) -> torch.Tensor:
         logits = scorer.forward(ids, mask, use_cache=False).logits
         y = _obj.evaluate(objective, logits, ids, mask, position, **kw)
     y = y.detach().reshape(-1)
-    return y.expand(ids.shape[0]) if y.numel() == 1 and ids.shape[0] > 1 else y
+    if y.numel() == 1 and ids.shape[0] > 1:
+        raise InputError("this method runs several prompt copies per forward: a callable objective must return "
+                         "one value per example ([batch]), not a scalar")
+    return y
 
 
 @contextmanager

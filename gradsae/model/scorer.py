@@ -186,9 +186,10 @@ class GradSAE:
         into (real tokens only), fused into the gather-dot where a kernel backend serves
         (:meth:`Splice.recording`); ``deterministic``: bitwise repeatable sums there.
 
-        ``method``: ``"grad"`` (the first-order score) or ``"ig"`` (integrated gradients from
-        zero with ``steps`` passes); ``baseline``: a corrupt prompt (batch) of the same token
-        counts for attribution patching, ``(z_clean - z_corrupt) * dY/dz``; in error mode
+        ``method``: ``"grad"`` (the first-order score) or ``"ig"`` (integrated gradients with
+        ``steps`` passes, from zero or from ``baseline``); ``baseline``: a corrupt prompt (batch)
+        of the same token counts, for attribution patching ``(z_clean - z_corrupt) * dY/dz``
+        with ``"grad"``; in error mode
         :attr:`Attribution.error` holds the error node unless ``error_node=False``. See
         :mod:`gradsae.model.methods`.
         """
@@ -293,8 +294,9 @@ class GradSAE:
         ``method``: ``"grad"`` (default, the paper's first-order score), ``"ig"`` (integrated
         gradients, ``steps`` passes) or ``"exact"`` (``Y(clean) - Y(latent zeroed)`` for the
         ``latents``: K, each prompt's Top-K by the first-order score, or a list of ids; at most
-        ``budget`` ablations per prompt). ``baseline``: a corrupt prompt for attribution
-        patching (``method="grad"``). See :mod:`gradsae.model.methods`."""
+        ``budget`` ablations per prompt). ``baseline``: a corrupt prompt of the same token counts
+        (attribution patching with ``"grad"``, the start of the path with ``"ig"``). See
+        :mod:`gradsae.model.methods`."""
         single = isinstance(batch_or_text, str) or (
             isinstance(batch_or_text, torch.Tensor) and batch_or_text.dim() == 1)
         if method == "exact":
