@@ -155,3 +155,23 @@ def test_cli_validate_demo(tmp_path, capsys):
     assert {p.name for p in out.iterdir()} == {"validate.csv", "validate.json", "validate.png"}
     data = json.loads((out / "validate.json").read_text())
     assert data["n_prompts"] == 3 and len(data["rows"]) <= 12 and data["rows"]
+
+
+def test_cli_validate_model_and_prompts_file(tmp_path, capsys):
+    m = tm.model("gpt2", d=D, layers=2, seed=1, scale=3.0)
+    m.save_pretrained(tmp_path / "model")
+    tm.tokenizer().save_pretrained(tmp_path / "model")
+    sae = random_sae(D, 64, "topk", k=4, seed=2)
+    sae.meta.hook_name = HOOK
+    sae.save(tmp_path / "sae")
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n\n")
+    out = tmp_path / "val"
+    assert main(["validate", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"), "--prompts-file",
+                 str(tmp_path / "p.txt"), "--prompts", "2", "--mode", "error", "--steps", "2", "--budget", "3",
+                 "--objective", "logprob", "--target", "king", "--out", str(out), "--no-plot",
+                 "--device", "cpu"]) == 0
+    assert "error mode" in capsys.readouterr().out
+    data = json.loads((out / "validate.json").read_text())
+    assert data["n_prompts"] == 2 and data["mode"] == "error" and data["objective"] == "logprob"
+    assert {r["prompt"] for r in data["rows"]} == {0, 1}
+    assert not (out / "validate.png").exists()
