@@ -189,9 +189,8 @@ class GradSAE:
         ``method``: ``"grad"`` (the first-order score) or ``"ig"`` (integrated gradients with
         ``steps`` passes, from zero or from ``baseline``); ``baseline``: a corrupt prompt (batch)
         of the same token counts, for attribution patching ``(z_clean - z_corrupt) * dY/dz``
-        with ``"grad"``; in error mode
-        :attr:`Attribution.error` holds the error node unless ``error_node=False``. See
-        :mod:`gradsae.model.methods`.
+        with ``"grad"``; in error mode :attr:`Attribution.error` holds the error node unless
+        ``error_node=False``. See :mod:`gradsae.model.methods`.
         """
         if method != "grad" or baseline is not None or (error_node and self.mode == "error"):
             from .methods import attribute_grad, attribute_ig, check_method
@@ -202,9 +201,9 @@ class GradSAE:
                 raise InputError("method='exact' measures whole-prompt ablations: use score(..., method='exact')")
             if method == "ig":
                 return attribute_ig(self, input_ids, attention_mask, objective, position, steps=steps,
-                                            baseline=baseline, **kw)
+                                    baseline=baseline, **kw)
             return attribute_grad(self, input_ids, attention_mask, objective, position, baseline=baseline,
-                                          error_node=error_node, **kw)
+                                  error_node=error_node, **kw)
         ids, mask = self.encode_batch(input_ids, attention_mask)
         recording = self.splice.recording(mask=mask, last_index=_obj.bounds(mask)[1], device=self.device,
                                           stats=stats, deterministic=deterministic)
@@ -303,9 +302,9 @@ class GradSAE:
             from .methods import score_exact
 
             if baseline is not None:
-                raise InputError("method='exact' zero-ablates latents; baseline= works with method='grad'")
+                raise InputError("method='exact' zero-ablates latents; baseline= works with method='grad' or 'ig'")
             res = score_exact(self, batch_or_text, attention_mask, objective, position, latents=latents,
-                                      budget=budget, reduce=reduce, sign=sign, **objective_kwargs)
+                              budget=budget, reduce=reduce, sign=sign, **objective_kwargs)
             return res[0] if single else res
         attr = self.attribute(batch_or_text, attention_mask, objective, position, method=method, steps=steps,
                               baseline=baseline, **objective_kwargs)
