@@ -234,15 +234,16 @@ def test_exact_batched_padded_and_budget():
 
 
 # ------------------------------------------------------------------------------------ error node, baseline
-def dense_run(m, sae, ids, mode, objective):
-    """One dense float64 forward/backward with the SAE spliced at layer 0 (``mode``): returns
-    the hook input x, dense z, dY/dz (retain_grad), D = dY/d(hook output) (retain_grad) and Y."""
+def dense_run(m, sae, ids, mode, objective, edit=None):
+    """One dense float64 forward/backward with the SAE spliced at layer 0 (``mode``; ``edit(z)``
+    applied before the decode): returns the hook input x, dense z, dY/dz (retain_grad),
+    D = dY/d(hook output) (retain_grad) and Y."""
     rec = {}
 
     def hook(mod, args, out):
         x = (out[0] if isinstance(out, tuple) else out).detach()
         z = tm.dense_encode(sae, x).requires_grad_(True)
-        xh = tm.dense_decode(sae, z)
+        xh = tm.dense_decode(sae, z if edit is None else edit(z))
         if mode == "error":
             xh = xh + (x - tm.dense_decode(sae, z)).detach()
         xh.retain_grad()
@@ -363,3 +364,22 @@ def test_exact_needs_one_objective_value_per_example():
     b = sc.score(TEXT, method="exact", latents=3, objective="logprob", target=5, sign="signed")
     assert torch.equal(a.evaluated, b.evaluated)
     close(a.scores, b.scores, 1e-9, atol=1e-13)
+
+
+def test_error_node_under_an_intervention_is_the_sae_error_term():
+    """Inside intervene(zero=[j]) the hook's output is x_hat(z edited) + e with e = x - x_hat(z)
+    of the unedited latents; the error node is e . D there."""
+    m, sae, tok, sc = setup("llama", mode="error", seed=19)
+    ids = torch.randint(4, tm.VOCAB, (1, 7))
+    j = int(sc.score(ids[0], objective="loss").top(1)[0])
+
+    def edit(z):
+        z = z.clone()
+        z[..., j] = 0
+        return z
+
+    x, z, _, Dd, _ = dense_run(m, sae, ids, "error", lambda lg: nll(lg, ids), edit=edit)
+    with sc.intervene(zero=[j]):
+        attr = sc.attribute(ids, objective="loss")
+    e = x - tm.dense_decode(sae, z)
+    close(attr.error, (e * Dd).sum(-1), 1e-10, atol=1e-12)

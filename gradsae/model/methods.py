@@ -41,7 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from ..errors import GradSAEWarning, InputError
-from ..op import Influence, influence_at
+from ..op import Influence, encode_sparse, influence_at
 from . import objectives as _obj
 from .head import split_head
 
@@ -219,6 +219,7 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
         corrupt = _corrupt_state(scorer, ids, mask, baseline, baseline_mask)
     cap = _Edit()
     sp = scorer.splice
+    edited = bool(sp.interventions)  # inside an intervene() block: cap sees the edited latents
     with sp, sp.editing(cap), _grad_at_hook(scorer.point) as grads:
         attr = scorer.attribute(ids, mask, objective, position, error_node=False, **kw)
     if len(cap.seen) != 1 or len(grads) != 1:
@@ -229,7 +230,9 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
     inf = attr.influence
     err = None
     if want_error:
-        e = _error_term(sae, idx, acts, x)
+        # the error term is that of the SAE's own latents, not of latents an intervention edited
+        e = _error_term(sae, *encode_sparse(x, sae, backend=sp.backend), x) if edited else \
+            _error_term(sae, idx, acts, x)
     if corrupt is not None:
         pidx, pacts, px = corrupt
         g_p = influence_at(pidx, pacts, D, sae, x=x, backend=sp.backend).grads  # dY/dz at clean, corrupt's latents
