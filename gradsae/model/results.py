@@ -20,6 +20,13 @@ class PromptScores:
     latents active at the last position (sorted), whose count sizes fractional K.
     ``last_acts`` / ``mean_acts`` ``[d_sae]``: activation at the last position and mean
     activation over positions (the activation baseline). ``objective``: Y of this prompt.
+
+    ``method``: how the scores were made (``"grad"``, the first-order score; ``"igN"``,
+    integrated gradients with N steps; ``"exact"``, zero-ablation; ``"grad-baseline"``, against a
+    counterfactual prompt; see :mod:`gradsae.model.methods`). ``error``: the SAE error term's
+    score reduced as the latents' (error mode), else None. ``evaluated`` ``[d_sae]`` bool: the
+    latents whose score was computed (``exact`` only; None: every latent), which are the
+    candidates of :meth:`top`.
     """
 
     scores: torch.Tensor
@@ -28,6 +35,9 @@ class PromptScores:
     last_acts: torch.Tensor
     mean_acts: torch.Tensor
     objective: float
+    error: float | None = None
+    method: str = "grad"
+    evaluated: torch.Tensor | None = None
 
     @property
     def d_sae(self) -> int:
@@ -63,7 +73,11 @@ class PromptScores:
         return cand[order[:n]]
 
     def top(self, K, strict: bool = True) -> torch.Tensor:
-        """The ``K`` latents with the highest scores among those active in the prompt."""
+        """The ``K`` latents with the highest scores among those active in the prompt (among
+        those :attr:`evaluated`, where set)."""
+        if self.evaluated is not None:
+            cand = torch.nonzero(self.evaluated).flatten()
+            return self._pick(cand, True, K, strict, "latents evaluated")
         cand = torch.nonzero(self.active).flatten()
         return self._pick(cand, True, K, strict, "latents active in this prompt")
 

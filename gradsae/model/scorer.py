@@ -44,7 +44,9 @@ class Attribution:
     ``logits`` (detached ``[B, T, V]``; None unless :meth:`GradSAE.attribute` was asked to
     keep them or needed them for a callable objective), ``objective`` (Y per example, ``[B]``),
     ``influences`` (``{hook: Influence}``, every SAE's, in the scorer's order; ``influence``
-    is the first one)."""
+    is the first one); ``error`` (``[B, T]``, error mode with one SAE: the score
+    ``(x - x_hat) . dY/dx_hat`` of the SAE's error term per token, else None) and ``method``
+    (see :mod:`gradsae.model.methods`)."""
 
     influence: Influence
     mask: torch.Tensor
@@ -52,6 +54,8 @@ class Attribution:
     objective: torch.Tensor
     input_ids: torch.Tensor
     influences: dict = field(default_factory=dict)
+    error: torch.Tensor | None = None
+    method: str = "grad"
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -236,6 +240,7 @@ class GradSAE:
     # ------------------------------------------------------------------ attribution
     def attribute(self, input_ids, attention_mask=None, objective="loss", position: int = -1,
                   keep_logits: bool = False, stats=None, deterministic: bool = False,
+                  method: str = "grad", steps: int = 16, baseline=None, error_node: bool = True,
                   **objective_kwargs) -> Attribution:
         """Per-token influence of the active latents for a whole batch: one forward, one backward.
 
@@ -252,7 +257,28 @@ class GradSAE:
         ``stats``: a :class:`~gradsae.LatentStats` the backward also adds the batch's influence
         into (real tokens only), fused into the gather-dot where a kernel backend serves
         (:meth:`Splice.recording`); ``deterministic``: bitwise repeatable sums there.
+
+        ``method``: ``"grad"`` (the first-order score) or ``"ig"`` (integrated gradients with
+        ``steps`` passes, from zero or from ``baseline``); ``baseline``: a corrupt prompt (batch)
+        of the same token counts, for attribution patching ``(z_clean - z_corrupt) * dY/dz``
+        with ``"grad"``; in error mode :attr:`Attribution.error` holds the error node unless
+        ``error_node=False``. See :mod:`gradsae.model.methods`.
         """
+        if method != "grad" or baseline is not None:
+            self._one_sae(f"method={method!r}" if method != "grad" else "baseline=")
+        if len(self.splices) == 1 and (method != "grad" or baseline is not None or
+                                       (error_node and self.mode == "error")):
+            from .methods import attribute_grad, attribute_ig, check_method
+
+            check_method(method, steps)
+            kw = dict(keep_logits=keep_logits, stats=stats, deterministic=deterministic, **objective_kwargs)
+            if method == "exact":
+                raise InputError("method='exact' measures whole-prompt ablations: use score(..., method='exact')")
+            if method == "ig":
+                return attribute_ig(self, input_ids, attention_mask, objective, position, steps=steps,
+                                    baseline=baseline, **kw)
+            return attribute_grad(self, input_ids, attention_mask, objective, position, baseline=baseline,
+                                  error_node=error_node, **kw)
         ids, mask = self.encode_batch(input_ids, attention_mask)
         sinks = self._sinks(stats)
         last = _obj.bounds(mask)[1]
@@ -344,6 +370,12 @@ class GradSAE:
         count = scatter(valid.to(s.dtype), mask)
         last_acts = scatter(inf.acts, at_last)
         mean_acts = scatter(inf.acts, mask) / n
+        err = None
+        if attr.error is not None:  # the error node, reduced as the latents
+            e = attr.error.to(s.dtype)
+            e = e.relu() if sign == "relu" else e.abs() if sign == "abs" else e
+            err = (e * w).sum(-1)
+            err = err / n.squeeze(-1) if reduce == "mean" else err
         out = ScoreResult()
         for b in range(B):
             li = inf.indices[b, int(last[b])]
@@ -352,22 +384,58 @@ class GradSAE:
                 active_last=torch.sort(li[li >= 0]).values.cpu(),
                 last_acts=last_acts[b].cpu(), mean_acts=mean_acts[b].cpu(),
                 objective=float(attr.objective[b]),
+                error=None if err is None else float(err[b]), method=attr.method,
             ))
         return out
 
     def score(self, batch_or_text, objective="predicted_prob", position: int = -1, reduce: str = "mean",
-              sign: str = "relu", attention_mask=None, **objective_kwargs):
+              sign: str = "relu", attention_mask=None, method: str = "grad", steps: int = 16, baseline=None,
+              latents=10, budget: int | None = None, **objective_kwargs):
         """GradSAE scores per prompt. A single text (or 1-D ids) gives a :class:`PromptScores`;
         a batch gives a :class:`ScoreResult` (a list of them). A scorer with several SAEs
         gives ``{hook: PromptScores}`` or ``{hook: ScoreResult}``, in the scorer's hook order,
-        from one forward and one backward."""
+        from one forward and one backward (``method="grad"`` only).
+
+        ``method``: ``"grad"`` (default, the paper's first-order score), ``"ig"`` (integrated
+        gradients, ``steps`` passes) or ``"exact"`` (``Y(clean) - Y(latent zeroed)`` for the
+        ``latents``: K, each prompt's Top-K by the first-order score, or a list of ids; at most
+        ``budget`` ablations per prompt). ``baseline``: a corrupt prompt of the same token counts
+        (attribution patching with ``"grad"``, the start of the path with ``"ig"``). See
+        :mod:`gradsae.model.methods`."""
         single = isinstance(batch_or_text, str) or (
             isinstance(batch_or_text, torch.Tensor) and batch_or_text.dim() == 1)
-        attr = self.attribute(batch_or_text, attention_mask, objective, position, **objective_kwargs)
+        if method == "exact":
+            from .methods import score_exact
+
+            self._one_sae("method='exact'")
+            if baseline is not None:
+                raise InputError("method='exact' zero-ablates latents; baseline= works with method='grad' or 'ig'")
+            res = score_exact(self, batch_or_text, attention_mask, objective, position, latents=latents,
+                              budget=budget, reduce=reduce, sign=sign, **objective_kwargs)
+            return res[0] if single else res
+        attr = self.attribute(batch_or_text, attention_mask, objective, position, method=method, steps=steps,
+                              baseline=baseline, **objective_kwargs)
         res = self.reduce(attr, reduce, sign)
         if isinstance(res, dict):
             return {h: (r[0] if single else r) for h, r in res.items()}
         return res[0] if single else res
+
+    def _one_sae(self, what: str) -> None:
+        """The methods other than the first-order score serve a scorer with one SAE."""
+        if len(self.splices) > 1:
+            raise InputError(f"{what} takes a scorer with one SAE; this one has {len(self.splices)} "
+                             f"({', '.join(self.splices)}): build GradSAE(model, sae, hook=...) per hook")
+
+    def validate(self, prompts, K: int = 10, steps: int = 16, budget: int | None = 64, objective="predicted_prob",
+                 position: int = -1, batch_size: int = 16, **objective_kwargs):
+        """How well the first-order score agrees with integrated gradients and exact ablation on
+        ``prompts``: a :class:`~gradsae.model.validate.Validation` (correlations, sign agreement,
+        Top-K overlap, per-latent table). See :func:`gradsae.model.validate.validate`."""
+        from .validate import validate
+
+        self._one_sae("validate()")
+        return validate(self, prompts, K=K, steps=steps, budget=budget, objective=objective, position=position,
+                        batch_size=batch_size, **objective_kwargs)
 
     # ------------------------------------------------------------------ interventions
     @contextmanager
