@@ -43,7 +43,8 @@ def find_weights(path: Path) -> Path:
 
 def path_metadata(path: Path) -> dict[str, Any]:
     """``hook_layer``, ``hook_name`` and ``model_name`` guessed from a Gemma Scope path."""
-    text = path.resolve().as_posix()
+    # the file's own name, not its link target (the Hub cache links files to content-named blobs)
+    text = (path.parent.resolve() / path.name).as_posix() if path.is_file() else path.resolve().as_posix()
     m = re.search(r"(?:^|/)layer_(\d+)(?:$|[/_])", text)
     layer = int(m.group(1)) if m else None
     hook = None
