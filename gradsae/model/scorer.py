@@ -68,13 +68,16 @@ class GradSAE:
         tokenizer: needed to score text; pads as configured (left or right).
         backend: influence backend for the encode, the sparse decode and the gather-dot
             (see :func:`gradsae.available_backends`).
+        hook_out: for a transcoder (``sae.transcoder``), the hook its output stands for (None:
+            the SAE's ``meta.hook_name_out``, else the ``hook_mlp_out`` of ``hook``'s layer);
+            ``hook`` is then where it reads (:mod:`gradsae.model.transcoder`).
 
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
     parameters never receive gradients, and backward stops at the hook.
     """
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", hook_out: str | None = None):
         sae = as_sae(sae)
         model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
@@ -86,15 +89,21 @@ class GradSAE:
         self.model = model
         self.device = _device(model)
         self.sae = sae if sae.device == self.device else sae.to(device=self.device)
-        self.point = resolve_hook(model, hook)
-        if self.point.d_model is not None and self.point.d_model != self.sae.d_in:
-            raise InputError(
-                f"the SAE's d_in={self.sae.d_in} does not match the width {self.point.d_model} of "
-                f"hook {hook!r} on this model; is this the SAE for this model?"
-            )
+        if getattr(self.sae, "transcoder", False):  # reads hook, stands for hook_out
+            from .transcoder import TranscoderSplice
+
+            self.splice = TranscoderSplice.build(model, self.sae, hook, hook_out, mode, backend)
+            self.point = self.splice.point_in
+        else:
+            self.point = resolve_hook(model, hook)
+            if self.point.d_model is not None and self.point.d_model != self.sae.d_in:
+                raise InputError(
+                    f"the SAE's d_in={self.sae.d_in} does not match the width {self.point.d_model} of "
+                    f"hook {hook!r} on this model; is this the SAE for this model?"
+                )
+            self.splice = Splice(self.point, self.sae, mode, backend)
         self.mode = mode
         self.tokenizer = tokenizer
-        self.splice = Splice(self.point, self.sae, mode, backend)
 
     def __repr__(self) -> str:
         return f"GradSAE(hook={self.point.name!r} -> {self.point.module_path}, mode={self.mode!r}, sae={self.sae})"
