@@ -52,6 +52,18 @@ def test_repo_and_folder_offline(cache, tmp_path):
     close(load_sae(GEMMA_REPO, GEMMA_FOLDER + "/params.npz", dtype=F64).encode(x), gemma_formula(a, x))
 
 
+def test_revision(cache, tmp_path):
+    old = write_gemmascope_npz(tmp_path / "a", D_IN, D_SAE)
+    first = add_to_cache(cache, GEMMA_REPO, tmp_path / "a", prefix=GEMMA_FOLDER).name
+    new = write_gemmascope_npz(tmp_path / "b", D_IN, D_SAE)
+    add_to_cache(cache, GEMMA_REPO, tmp_path / "b", prefix=GEMMA_FOLDER, commit="f" * 40)  # main moves on
+    x = xs()
+    close(load_sae(GEMMA_REPO, GEMMA_FOLDER, dtype=F64).encode(x), gemma_formula(new, x))
+    close(load_sae(GEMMA_REPO, GEMMA_FOLDER, dtype=F64, revision=first).encode(x), gemma_formula(old, x))
+    with pytest.raises(SAEFormatError, match="not in the Hugging Face cache"):
+        load_sae(GEMMA_REPO, GEMMA_FOLDER, revision="e" * 40)
+
+
 def test_hf_hub_cache_variable(tmp_path, monkeypatch):
     c = tmp_path / "elsewhere"
     monkeypatch.setenv("HF_HUB_CACHE", str(c))
@@ -89,6 +101,29 @@ def test_local_path_still_wins(tmp_path):
           relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]))
 
 
+def saelens_from_pretrained(monkeypatch, cache, release, sae_id):
+    """SAELens' own SAE.from_pretrained on the same offline cache (huggingface_hub's constants
+    pointed at it: SAELens passes no cache_dir)."""
+    import warnings
+
+    from huggingface_hub import constants
+    from sae_lens import SAE as LibSAE
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LibSAE.from_pretrained(release, sae_id, device="cpu", dtype="float64").eval()
+
+
+def agrees_with_saelens(sae, lib, x):
+    with torch.no_grad():
+        z = lib.encode(x)
+        close(sae.encode(x), z, tol=1e-9)
+        close(sae.decode(z), lib.decode(z), tol=1e-9)
+        assert int((z != 0).sum()) > 0
+
+
 def test_saelens_release_canonical(cache, tmp_path):
     from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
@@ -100,11 +135,12 @@ def test_saelens_release_canonical(cache, tmp_path):
     x = xs()
     close(sae.encode(x), gemma_formula(a, x))
     assert sae.meta.extra["hub"]["release"] == release and sae.meta.extra["hub"]["folder"] == folder
+    # (SAELens' own loader of this release sizes the SAE from its name, 2304 x 16384: not built here)
     with pytest.raises(InputError, match="has no SAE id"):
         load_sae(release, "layer_12/width_16k/nope")
 
 
-def test_saelens_release_norm_scaling_factor(cache, tmp_path):
+def test_saelens_release_norm_scaling_factor(cache, tmp_path, monkeypatch):
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
     release, sae_id, s = next(
@@ -120,6 +156,7 @@ def test_saelens_release_norm_scaling_factor(cache, tmp_path):
     close(sae.encode(x), z, tol=1e-9)
     close(sae.decode(z), (z @ w["W_dec"] + w["b_dec"]) / s, tol=1e-9)
     assert sae.meta.extra["folded_scaling_factor"] == pytest.approx(s)
+    agrees_with_saelens(sae, saelens_from_pretrained(monkeypatch, cache, release, sae_id), x)
 
 
 def test_release_without_sae_lens(cache, monkeypatch):

@@ -149,8 +149,8 @@ def test_hook_names_and_errors():
     assert "blocks.0.ln2.hook_normalized" in valid_names(m)
     g = tm.model("gpt2", d=D)
     assert resolve_hook(g, "blocks.0.hook_mlp_in").module is g.transformer.h[0].ln_2
-    with pytest.raises(InputError, match="names no output hook"):
-        resolve_transcoder(m, "model.layers.1.mlp.up_proj")
+    pin, pout = resolve_transcoder(m, "model.layers.1.mlp")  # a module: its input and output
+    assert pin.module is pout.module is lay.mlp and (pin.kind, pout.kind) == ("input", "output")
     sae = transcoder("topk")
     with pytest.raises(InputError, match="d_in=32 does not match"):
         GradSAE(tm.model("llama", d=16), sae)
@@ -174,6 +174,8 @@ def test_sparsify_transcoder_on_its_module(tmp_path):
         scorer = GradSAE(m, sae, mode=mode, tokenizer=tok)  # reads layers.1.mlp's input, replaces its output
         assert scorer.splice.point_in.kind == "input" and scorer.splice.point.kind == "output"
         check_against_recipe(m, sae, scorer, mode, tok)
+    # the live object, given its hookpoint
+    check_against_recipe(m, sae, GradSAE(m, lib, hook="layers.1.mlp", mode="splice", tokenizer=tok), "splice", tok)
 
 
 def test_saelens_transcoder_object_scores():

@@ -299,16 +299,14 @@ def resolve_transcoder(model, hook_in: str, hook_out: str | None = None) -> tupl
     """The ``(input, output)`` points of a transcoder on ``model``.
 
     ``hook_in``: where it reads (``blocks.L.ln2.hook_normalized`` ...); ``hook_out``: where its
-    output stands (``blocks.L.hook_mlp_out``); None: the ``hook_mlp_out`` of ``hook_in``'s layer.
-    When both name the same module (sparsify's transcoders: ``layers.L.mlp``), the transcoder
-    reads that module's input and stands for its output.
+    output stands (``blocks.L.hook_mlp_out``). When both name the same module (sparsify's
+    transcoders: ``layers.L.mlp``), the transcoder reads that module's input and stands for its
+    output. ``hook_out=None``: the ``hook_mlp_out`` of the layer of a ``blocks.L....`` name,
+    else ``hook_in`` itself (a module path: that module's input and output).
     """
     if hook_out is None:
         m = re.match(r"^blocks\.(\d+)\.", str(hook_in))
-        if m is None:
-            raise InputError(f"the transcoder reads {hook_in!r} but names no output hook; pass hook_out=... "
-                             "(e.g. 'blocks.L.hook_mlp_out')")
-        hook_out = f"blocks.{m.group(1)}.hook_mlp_out"
+        hook_out = f"blocks.{m.group(1)}.hook_mlp_out" if m else hook_in
     out = resolve_hook(model, hook_out)
     if hook_in == hook_out:
         return HookPoint(hook_in, out.module, out.module_path, "input", out.d_model), out
