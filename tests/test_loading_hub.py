@@ -181,7 +181,7 @@ def test_missing_offline_names_repo_and_file(cache, tmp_path):
     write_saelens(w_src, "standard", D_IN, D_SAE)
     (w_src / "sae_weights.safetensors").unlink()
     add_to_cache(cache, "org/partial", w_src, prefix="l1")
-    with pytest.raises(SAEFormatError, match=r"org/partial: l1/sae_weights\.safetensors is not in the Hugging Face cache"):
+    with pytest.raises(SAEFormatError, match=r"org/partial: l1/sae_weights\.safetensors is not in the Hugging Face"):
         load_sae("org/partial", "l1")
 
 

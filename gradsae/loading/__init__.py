@@ -99,8 +99,8 @@ def detect_format(path) -> str:
     )
 
 
-def load_sae(path, sae_id: str | None = None, format: str | None = None, device: Any = "cpu", dtype: Any = None,
-             *, revision: str | None = None) -> SAE:
+def load_sae(path, sae_id: str | None = None, format: str | None = None, device: Any = "cpu",
+             dtype: Any = None, *, revision: str | None = None) -> SAE:
     """Load an SAE from disk or from the Hugging Face Hub as a gradsae :class:`SAE`.
 
         load_sae("path/to/sae")                                                   # a local path
@@ -149,7 +149,8 @@ def load_sae(path, sae_id: str | None = None, format: str | None = None, device:
         raise InputError(f"sae_id must be a string (a folder or SAE id), got {type(sae_id).__name__}")
     p = os_path(path)
     if p.exists():
-        if sae_id is not None and format is None and _format_name(sae_id, strict=False) in FORMATS and not (p / sae_id).exists():
+        positional_format = format is None and _format_name(sae_id or "", strict=False) is not None
+        if sae_id is not None and positional_format and not (p / sae_id).exists():
             fmt = _format_name(sae_id)  # load_sae(path, "sparsify"): the format, positionally
         elif sae_id is not None:
             p = p / sae_id
@@ -191,8 +192,7 @@ def _load_local(p, fmt, device, dtype) -> SAE:
 
 
 def _load_hub(repo_id, folder, fmt, device, dtype, revision, release=None) -> SAE:
-    local, named = hub.fetch_folder(repo_id, folder, revision)
-    folder_only = folder.strip("/").rsplit("/", 1)[0] if named and "/" in folder.strip("/") else ("" if named else folder.strip("/"))
+    local, folder_only, named = hub.fetch_folder(repo_id, folder, revision)
     target = local / named if named else local
     if named and not target.is_file():
         raise hub.missing(repo_id, folder_only, [named])
@@ -208,8 +208,9 @@ def _load_hub(repo_id, folder, fmt, device, dtype, revision, release=None) -> SA
     if release is not None:
         info.update(release=release["release"], sae_id=release["sae_id"])
         factor = release.get("norm_scaling_factor")
-        if sae.meta.extra.get("normalize_activations") == "expected_average_only_in" and factor is not None \
-                and "folded_scaling_factor" not in sae.meta.extra:
+        unfolded = "folded_scaling_factor" not in sae.meta.extra
+        trained_scaled = sae.meta.extra.get("normalize_activations") == "expected_average_only_in"
+        if trained_scaled and factor is not None and unfolded:
             sae = _fold_norm_scaling(sae, float(factor))
         if sae.meta.model_name is None and release.get("model"):
             sae.meta.model_name = release["model"]
@@ -225,7 +226,8 @@ def _fold_norm_scaling(sae: SAE, s: float) -> SAE:
                threshold=sae.threshold, apply_b_dec_to_input=sae.apply_b_dec_to_input,
                normalize_activations=sae.normalize_activations,
                rescale_acts_by_decoder_norm=sae.rescale_acts_by_decoder_norm, hook_name=sae.meta.hook_name,
-               model_name=sae.meta.model_name, hook_layer=sae.meta.hook_layer, metadata=meta, check_finite=False)
+               model_name=sae.meta.model_name, hook_layer=sae.meta.hook_layer, metadata=meta, check_finite=False,
+               transcoder=sae.transcoder, W_skip=sae.W_skip, hook_name_out=sae.meta.hook_name_out)
 
 
 __all__ = ["load_sae", "detect_format", "FORMATS"]

@@ -87,7 +87,9 @@ def _hub():
         import huggingface_hub
         from huggingface_hub import errors
     except ImportError:
-        raise InputError("loading SAEs from the Hugging Face Hub needs huggingface_hub: pip install huggingface_hub") from None
+        raise InputError(
+            "loading SAEs from the Hugging Face Hub needs huggingface_hub: pip install huggingface_hub"
+        ) from None
     return huggingface_hub, errors
 
 
@@ -96,11 +98,12 @@ def _fetch_hint(repo_id: str, folder: str) -> str:
     return f"fetch it once online (unset HF_HUB_OFFLINE), or run `hf download {repo_id}{inc}`"
 
 
-def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """The local copy of ``folder`` of Hub repository ``repo_id`` (the cache's snapshot
-    directory), with only :data:`SAE_FILES` fetched; also the file the folder path names, if it
-    names one (``folder/params.npz``). Raises :class:`SAEFormatError` when offline and nothing
-    is cached, or when the repository or revision does not exist."""
+def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tuple[Path, str, str | None]:
+    """``(local directory, folder, file)``: the local copy (in the cache's snapshot) of
+    ``folder`` of Hub repository ``repo_id``, with only :data:`SAE_FILES` fetched. When
+    ``folder`` ends with a file name (``.../params.npz``), ``folder`` is its directory and
+    ``file`` that name (else None). Raises :class:`SAEFormatError` when offline and nothing is
+    cached, or when the repository or revision does not exist."""
     hub, errs = _hub()
     folder = folder.strip("/")
     named_file = None
@@ -123,7 +126,9 @@ def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tupl
                 f"{repo_id}: {where} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE is set; "
                 + _fetch_hint(repo_id, folder)
             ) from None
-        raise SAEFormatError(f"{repo_id}: cannot reach the Hub to fetch {where}, and it is not in the cache {cache}") from None
+        raise SAEFormatError(
+            f"{repo_id}: cannot reach the Hub to fetch {where}, and it is not in the cache {cache}"
+        ) from None
     except errs.RepositoryNotFoundError:
         raise SAEFormatError(
             f"{repo_id}: no such repository on the Hugging Face Hub (or it is private: log in with `hf auth login`)"
@@ -131,8 +136,9 @@ def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tupl
     except errs.RevisionNotFoundError:
         raise SAEFormatError(f"{repo_id}: no revision {revision!r}") from None
     except errs.HfHubHTTPError as e:
-        raise SAEFormatError(f"{repo_id}: the Hub refused {prefix or 'the repository'} ({str(e).splitlines()[0]})") from None
-    return Path(root) / folder if folder else Path(root), named_file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SAEFormatError(f"{repo_id}: the Hub refused {prefix or 'the repository'} ({first})") from None
+    return (Path(root) / folder if folder else Path(root)), folder, named_file
 
 
 def missing(repo_id: str, folder: str, files: list[str]) -> SAEFormatError:

@@ -216,7 +216,8 @@ _SAELENS_TRANSCODERS = {"transcoder": "relu", "skip_transcoder": "relu", "jumpre
 def _saelens_transcoder(obj: Any, arch: str, kw: dict, metaget) -> SAE:
     d_in, d_out = obj.W_enc.shape[0], obj.W_dec.shape[-1]
     if d_out != d_in:
-        raise _unsupported(obj, f"a transcoder from d_in={d_in} to d_out={d_out} (gradsae's transcoders have d_out == d_in)")
+        raise _unsupported(obj, f"a transcoder from d_in={d_in} to d_out={d_out} (gradsae's transcoders have "
+                                "d_out == d_in)")
     if kw["normalize_activations"] != "none":
         raise _unsupported(obj, f"a transcoder with normalize_activations={kw['normalize_activations']!r}")
     kw = dict(kw, apply_b_dec_to_input=False)  # SAELens' transcoders never subtract b_dec

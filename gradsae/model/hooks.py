@@ -279,7 +279,8 @@ def resolve_hook(model, name: str) -> HookPoint:
             names = _MLP_NORM.get(model_type(model), _MLP_NORM_DEFAULT) if kind == "hook_mlp_in" else _MLP_DEFAULT
             sub = _sub(layer, names)
             if sub is None:
-                raise _unknown(model, name, f"layer {layer_i} has no recognised MLP" + (" norm" if kind == "hook_mlp_in" else ""))
+                what = "MLP norm" if kind == "hook_mlp_in" else "MLP"
+                raise _unknown(model, name, f"layer {layer_i} has no recognised {what}")
             return HookPoint(name, getattr(layer, sub), f"{lp}.{sub}", "input", d)
         sub = _attn_name(model, layer) if kind == "hook_attn_out" else _mlp_name(model, layer)
         if sub is None:

@@ -69,8 +69,9 @@ class GradSAE:
         backend: influence backend for the encode, the sparse decode and the gather-dot
             (see :func:`gradsae.available_backends`).
         hook_out: for a transcoder (``sae.transcoder``), the hook its output stands for (None:
-            the SAE's ``meta.hook_name_out``, else the ``hook_mlp_out`` of ``hook``'s layer);
-            ``hook`` is then where it reads (:mod:`gradsae.model.transcoder`).
+            the SAE's ``meta.hook_name_out``, else the ``hook_mlp_out`` of ``hook``'s layer, or
+            for a module path the module's own output); ``hook`` is then where it reads
+            (:mod:`gradsae.model.transcoder`).
 
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
     parameters never receive gradients, and backward stops at the hook.
