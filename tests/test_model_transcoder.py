@@ -243,3 +243,25 @@ def test_transformer_lens_hook_points():
         torch.testing.assert_close(attr.influence.to_dense("acts"), z.detach(), atol=1e-10, rtol=0)
         torch.testing.assert_close(attr.influence.to_dense("scores"), (z * z.grad).detach(), atol=1e-10, rtol=1e-8)
         assert float((z * z.grad).detach().abs().max()) > 0
+
+
+@pytest.mark.parametrize("mode", ["splice", "error"])
+def test_corpus_statistics_of_a_transcoder(tmp_path, mode):
+    m = tm.model("gemma2", d=D, scale=2.0).double()
+    tok = tm.tokenizer()
+    sae = transcoder("jumprelu_skip")
+    docs = TEXTS + ["the stone in the west is dark", "how many did water win ?"]
+    res = gradsae.score_corpus(m, sae, docs, objective="loss", mode=mode, tokenizer=tok, out=tmp_path / "run",
+                               batch_tokens=24, top_n=2, context=2, progress=False)
+    count = torch.zeros(D_SAE, dtype=torch.int64)
+    score_sum = torch.zeros(D_SAE, dtype=F64)
+    act_sum = torch.zeros(D_SAE, dtype=F64)
+    for text in docs:
+        s, z, _ = dense_recipe(m, sae, torch.tensor(tok(text)["input_ids"]), mode)
+        count += (z != 0).sum(0)
+        score_sum += s.sum(0)
+        act_sum += z.sum(0)
+    assert res.meta["hook"] == "blocks.1.ln2.hook_normalized"
+    assert torch.equal(res.stats.count.cpu(), count)
+    torch.testing.assert_close(res.stats.score_sum.cpu(), score_sum, atol=1e-9, rtol=1e-7)
+    torch.testing.assert_close(res.stats.act_sum.cpu(), act_sum, atol=1e-9, rtol=1e-7)
