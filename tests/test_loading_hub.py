@@ -204,3 +204,23 @@ def test_repo_without_folder(cache):
     with pytest.raises(SAEFormatError, match="pass the SAE's folder"):
         load_sae("org/some-saes")
     assert torch.__version__  # the module under test imported torch-only paths
+
+
+def test_incomplete_snapshot_by_the_cached_listing(cache, tmp_path):
+    """huggingface_hub also caches the repository's file listing; offline, a folder it lists but
+    the snapshot lacks is named with its repository."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    from hub_cache import repo_folder
+
+    a = put_gemma(cache, tmp_path)
+    root = repo_folder(cache, GEMMA_REPO)
+    commit = (root / "refs" / "main").read_text()
+    listing = {f"{GEMMA_FOLDER}/params.npz": TreeCacheEntry(size=1, blob_id="0" * 40),
+               "layer_3/width_16k/average_l0_10/params.npz": TreeCacheEntry(size=1, blob_id="1" * 40)}
+    write_tree_cache(str(root), commit, listing)
+    x = xs()
+    close(load_sae(GEMMA_REPO, GEMMA_FOLDER, dtype=F64).encode(x), gemma_formula(a, x))
+    with pytest.raises(SAEFormatError, match=r"google/gemma-scope-2b-pt-res: layer_3/width_16k/average_l0_10/ "
+                                             r"\(an SAE: .*params.npz.*\) is not in the .*HF_HUB_OFFLINE"):
+        load_sae(GEMMA_REPO, "layer_3/width_16k/average_l0_10")

@@ -115,10 +115,20 @@ def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tupl
         patterns.append(prefix + named_file)
     cache = cache_dir()
     off = offline()
+    incomplete = getattr(errs, "IncompleteSnapshotError", ())
     try:
         root = hub.snapshot_download(
             repo_id, revision=revision, allow_patterns=patterns, cache_dir=str(cache), local_files_only=off,
         )
+    except incomplete as e:
+        # the cached listing shows files of these patterns missing; offline, let the caller name
+        # the file the format needs (an optional one may be all that is missing)
+        if not off:
+            raise SAEFormatError(
+                f"{repo_id}: cannot reach the Hub to fetch {prefix or 'the repository'}, and the cache {cache} "
+                "holds only part of it"
+            ) from None
+        root = e.snapshot_path
     except errs.LocalEntryNotFoundError:
         where = f"{prefix}{named_file or ''}" or "(the repository)"
         if off:
@@ -141,9 +151,11 @@ def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tupl
     return (Path(root) / folder if folder else Path(root)), folder, named_file
 
 
-def missing(repo_id: str, folder: str, files: list[str]) -> SAEFormatError:
+def missing(repo_id: str, folder: str, files: list[str], what: str | None = None) -> SAEFormatError:
+    """The error for ``files`` (alternatives) of ``folder`` missing from repository ``repo_id``:
+    not in the cache (offline) or not in the repository."""
     rel = [f"{folder}/{f}" if folder else f for f in files]
-    what = rel[0] if len(rel) == 1 else " or ".join(rel)
+    what = what or (rel[0] if len(rel) == 1 else " or ".join(rel))
     if offline():
         return SAEFormatError(
             f"{repo_id}: {what} is not in the Hugging Face cache {cache_dir()} and HF_HUB_OFFLINE is set; "
@@ -156,8 +168,9 @@ def check_complete(repo_id: str, folder: str, local: Path, fmt: str | None) -> N
     """Error naming the repository and file when the local copy of ``folder`` lacks a file
     the format needs (or holds no SAE file at all, ``fmt`` None)."""
     if fmt is None:
-        raise missing(repo_id, folder, ["cfg.json + sae_weights.safetensors", "params.npz", "sae.safetensors",
-                                         "ae.pt"])
+        where = f"{folder}/" if folder else "the repository's top folder"
+        raise missing(repo_id, folder, [], f"{where} (an SAE: cfg.json + sae_weights.safetensors, params.npz, "
+                                           "sae.safetensors, or ae.pt + config.json)")
     for alternatives in REQUIRED.get(fmt, ()):
         if not any((local / name).is_file() for name in alternatives):
             raise missing(repo_id, folder, list(alternatives))
