@@ -1,7 +1,7 @@
 """Transcoders in a model: GradSAE's per-token influence of a transcoder equals a dense float64
 autograd recipe written here by hand (the MLP's input read with a pre-hook, the MLP's output
 replaced by the dense transcoder, z.retain_grad()), on GPT-2, Llama and Gemma-2 tiny configs, in
-splice and error mode, with padding; sparsify's and SAELens' transcoders in their own formats
+splice and error mode, with padding (and GPT-NeoX, Gemma-3); sparsify's and SAELens' transcoders in their own formats
 score the same way."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def transcoder(kind: str, hook_in="blocks.1.ln2.hook_normalized", hook_out="bloc
 def mlp_modules(m, layer):
     """(module whose input is the MLP's input, module whose output is hook_mlp_out), by hand."""
     lay = tm.layer_module(m, layer)
-    if m.config.model_type == "gemma2":
+    if m.config.model_type in ("gemma2", "gemma3_text"):
         return lay.mlp, lay.post_feedforward_layernorm
     return lay.mlp, lay.mlp
 
@@ -100,7 +100,7 @@ def check_against_recipe(m, sae, scorer, mode, tok):
         assert abs(float(attr.objective[b]) - y) < 1e-10
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "gpt_neox", "gemma3_text"])
 @pytest.mark.parametrize("mode", ["splice", "error"])
 @pytest.mark.parametrize("kind", ["topk", "jumprelu_skip"])
 def test_transcoder_matches_dense_recipe(arch, mode, kind):
