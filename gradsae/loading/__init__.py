@@ -192,7 +192,7 @@ def _load_local(p, fmt, device, dtype) -> SAE:
 
 
 def _load_hub(repo_id, folder, fmt, device, dtype, revision, release=None) -> SAE:
-    local, folder_only, named = hub.fetch_folder(repo_id, folder, revision)
+    local, folder_only, named = hub.fetch_folder(repo_id, folder, revision, fmt)
     target = local / named if named else local
     if named and not target.is_file():
         raise hub.missing(repo_id, folder_only, [named])

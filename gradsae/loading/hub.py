@@ -6,7 +6,8 @@
 
 A repository id and a folder in it: only the files an SAE format can need are fetched from that
 folder (``allow_patterns``: the SAELens, sparsify, Gemma Scope and dictionary_learning file
-names), then read by the format loaders exactly as a local directory. A SAELens release name is
+names; only the named format's when it is known: ``format=``, or a SAELens release), then read by the
+format loaders exactly as a local directory. A SAELens release name is
 looked up in SAELens' registry of pretrained SAEs (``sae_lens`` must be installed): the
 registry gives the repository, the folder (``canonical`` ids map to their folder), the file
 layout and, for SAEs trained with ``expected_average_only_in``, the ``norm_scaling_factor``
@@ -37,6 +38,13 @@ SAE_FILES = (
     "config.json",
     "ae.pt",
 )
+# what each format reads (when the format is known, only these are fetched)
+FORMAT_FILES = {
+    "saelens": ("cfg.json", "sae_weights.safetensors", "activation_scaler.json"),
+    "sparsify": ("cfg.json", "sae.safetensors"),
+    "gemmascope": ("params.npz", "params.safetensors", "config.json"),
+    "dictionary_learning": ("ae.pt", "config.json"),
+}
 # the files a format cannot do without (any one of each tuple)
 REQUIRED = {
     "saelens": (("cfg.json",), ("sae_weights.safetensors",)),
@@ -98,9 +106,11 @@ def _fetch_hint(repo_id: str, folder: str) -> str:
     return f"fetch it once online (unset HF_HUB_OFFLINE), or run `hf download {repo_id}{inc}`"
 
 
-def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tuple[Path, str, str | None]:
+def fetch_folder(repo_id: str, folder: str, revision: str | None = None,
+                 fmt: str | None = None) -> tuple[Path, str, str | None]:
     """``(local directory, folder, file)``: the local copy (in the cache's snapshot) of
-    ``folder`` of Hub repository ``repo_id``, with only :data:`SAE_FILES` fetched. When
+    ``folder`` of Hub repository ``repo_id``, with only the files format ``fmt`` reads fetched
+    (:data:`FORMAT_FILES`; any format's, :data:`SAE_FILES`, when ``fmt`` is None). When
     ``folder`` ends with a file name (``.../params.npz``), ``folder`` is its directory and
     ``file`` that name (else None). Raises :class:`SAEFormatError` when offline and nothing is
     cached, or when the repository or revision does not exist."""
@@ -110,7 +120,7 @@ def fetch_folder(repo_id: str, folder: str, revision: str | None = None) -> tupl
     if re.search(r"\.(safetensors|npz|pt|json)$", folder):
         folder, _, named_file = folder.rpartition("/")
     prefix = f"{folder}/" if folder else ""
-    patterns = [prefix + name for name in SAE_FILES]
+    patterns = [prefix + name for name in FORMAT_FILES.get(fmt, SAE_FILES)]
     if named_file is not None and named_file not in SAE_FILES:
         patterns.append(prefix + named_file)
     cache = cache_dir()
