@@ -16,6 +16,12 @@ statistics of ``norm`` are taken from the (detached) input, so the decode is aff
 per-row slope ``row_scale`` (1/coefficient, std, or 1): this is what lets gradsae form
 dY/dz = row_scale * col_scale * (W_dec_j . dY/dx_hat) for the active latents only.
 
+A **transcoder** reads one hook (the MLP's input) and its decode stands for another (the MLP's
+output): the same maths, plus an optional linear skip term ``x @ W_skip.T`` (``W_skip
+[d_out, d_in]``, SAELens' and sparsify's layout) added to the output, which does not depend on
+z. ``meta.hook_name`` is the input hook, ``meta.hook_name_out`` the output hook. gradsae's
+transcoders have ``d_out == d_in`` (the MLP of a transformer) and no input normalisation.
+
 BatchTopK SAEs are evaluated with their learned inference threshold, i.e. as ``jumprelu``
 (``activation="batchtopk"`` is accepted as an alias that requires ``threshold``).
 
@@ -115,6 +121,7 @@ class SAEMeta:
     model_name: str | None = None
     hook_layer: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    hook_name_out: str | None = None  # a transcoder's output hook
 
 
 class SAE:
@@ -135,6 +142,10 @@ class SAE:
             (SAELens' TopK option); decode divides by the norm again.
         hook_name, model_name, hook_layer, metadata: where the SAE belongs (kept, not used
             by the maths).
+        transcoder: the SAE is a transcoder (see the module docstring); implied by ``W_skip``
+            or ``hook_name_out``.
+        W_skip: a transcoder's skip connection ``[d_out, d_in]`` (output ``+= x @ W_skip.T``).
+        hook_name_out: a transcoder's output hook (``hook_name`` is its input hook).
         check_finite: refuse weights (and thresholds) with NaN or infinite entries, which
             would give NaN scores and empty selections. One pass over the weights; pass
             False to skip it for an SAE whose weights are known to be finite (the loaders
@@ -166,6 +177,9 @@ class SAE:
         hook_layer: int | None = None,
         metadata: dict[str, Any] | None = None,
         check_finite: bool = True,
+        transcoder: bool = False,
+        W_skip: torch.Tensor | None = None,
+        hook_name_out: str | None = None,
     ):
         activation = str(activation).lower()
         if activation == "batchtopk":
@@ -240,7 +254,20 @@ class SAE:
         self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
         self.normalize_activations = normalize_activations
         self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
-        self.meta = SAEMeta(hook_name, model_name, hook_layer, dict(metadata or {}))
+        self.meta = SAEMeta(hook_name, model_name, hook_layer, dict(metadata or {}), hook_name_out)
+        self.transcoder = bool(transcoder or W_skip is not None or hook_name_out is not None)
+        self.W_skip: torch.Tensor | None = None
+        if W_skip is not None:
+            if not isinstance(W_skip, torch.Tensor) or not W_skip.is_floating_point():
+                raise InputError("W_skip must be a floating-point torch.Tensor")
+            if tuple(W_skip.shape) != (d_in, d_in):
+                raise InputError(f"W_skip has shape {tuple(W_skip.shape)}, expected [d_out, d_in] = [{d_in}, {d_in}]")
+            self.W_skip = W_skip.detach().to(device=device, dtype=dtype)
+        if self.transcoder and normalize_activations != "none":
+            raise InputError(
+                f"a transcoder with normalize_activations={normalize_activations!r}: gradsae's transcoders "
+                "read their input as it is (normalize_activations='none')"
+            )
         self._cache: dict[str, tuple] = {}
         if check_finite:
             self._check_finite()
@@ -249,6 +276,8 @@ class SAE:
         named = {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
         if self.threshold is not None:
             named["threshold"] = self.threshold
+        if self.W_skip is not None:
+            named["W_skip"] = self.W_skip
         for name, t in named.items():
             bad = non_finite_count(t)
             if bad:
@@ -285,6 +314,8 @@ class SAE:
         if self.rescale_acts_by_decoder_norm:
             extra += ", rescale_acts_by_decoder_norm=True"
         hook = f", hook={self.meta.hook_name!r}" if self.meta.hook_name else ""
+        if self.transcoder:
+            hook += f", transcoder -> {self.meta.hook_name_out!r}" + (", skip" if self.W_skip is not None else "")
         return (
             f"SAE(d_in={self.d_in}, d_sae={self.d_sae}, activation={self.activation!r}{extra}"
             f"{hook}, dtype={self.dtype}, device={self.device})"
@@ -305,6 +336,7 @@ class SAE:
             hook_name=self.meta.hook_name, model_name=self.meta.model_name,
             hook_layer=self.meta.hook_layer, metadata=self.meta.extra,
             check_finite=dtype is not None and dtype != self.dtype,  # a cast can overflow
+            transcoder=self.transcoder, W_skip=mv(self.W_skip), hook_name_out=self.meta.hook_name_out,
         )
         return out
 
@@ -454,9 +486,17 @@ class SAE:
         names one explicitly. Served by :func:`gradsae.op.decode_sparse`."""
         return _service("decode_sparse")(self, indices, values, x=x, backend=backend)
 
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A transcoder's skip term ``x @ W_skip.T`` (None without ``W_skip``)."""
+        if self.W_skip is None:
+            return None
+        return x.to(self.dtype) @ self.W_skip.T
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``decode(encode(x), x)``."""
-        return self.decode(self.encode(x), x)
+        """Reconstruction ``decode(encode(x), x)`` (a transcoder's output, with its skip term)."""
+        out = self.decode(self.encode(x), x)
+        sk = self.skip(x)
+        return out if sk is None else out + sk
 
     def _check_x(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

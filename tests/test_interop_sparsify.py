@@ -1,5 +1,6 @@
 """SAE.from_object on live EleutherAI sparsify SparseCoders: encode, decode and influence equal
-sparsify's own; groupmax, transcoders and skip connections are refused by name."""
+sparsify's own; groupmax and skip connections on autoencoders are refused by name (transcoders:
+test_loading_transcoders.py)."""
 
 import os
 
@@ -71,7 +72,5 @@ def test_influence_equals_autograd_through_sparsify_decode():
 def test_unsupported_sparsify_configurations_are_refused():
     with pytest.raises(InputError, match="groupmax"):
         gradsae.SAE.from_object(make(num_latents=64, k=4, activation="groupmax"))
-    with pytest.raises(InputError, match="transcoder"):
-        gradsae.SAE.from_object(make(num_latents=64, k=4, transcode=True))
     with pytest.raises(InputError, match="skip"):
         gradsae.SAE.from_object(make(num_latents=64, k=4, skip_connection=True))

@@ -176,7 +176,7 @@ def test_shapes_disagreeing_with_config(tmp_path):
         load_sae(tmp_path / "t")
 
 
-@pytest.mark.parametrize("arch", ["transcoder", "skip_transcoder", "made_up"])  # gated loads (test_interop_loaders)
+@pytest.mark.parametrize("arch", ["made_up", "temporal"])  # gated (test_interop_loaders) and transcoders (test_loading_transcoders) load
 def test_unknown_architecture(tmp_path, arch):
     folder, _ = _saelens(tmp_path)
     cfg = json.loads((folder / "cfg.json").read_text())

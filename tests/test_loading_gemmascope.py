@@ -43,6 +43,10 @@ def test_gemmascope2_safetensors(tmp_path):
 def test_gemmascope_unknown_array(tmp_path):
     folder = tmp_path / "layer_3"
     a = {k: v.numpy().astype(np.float32) for k, v in sf.write_gemmascope_npz(folder, D_IN, D_SAE).items()}
-    np.savez(folder / "params.npz", affine_skip_connection=np.zeros((D_IN, D_IN), np.float32), **a)
+    np.savez(folder / "params.npz", w_gate=np.zeros((D_IN, D_IN), np.float32), **a)
+    with pytest.raises(SAEFormatError, match="w_gate|W_gate"):
+        load_sae(folder)
+    # a skip connection of the wrong shape (transcoders: test_loading_transcoders.py)
+    np.savez(folder / "params.npz", affine_skip_connection=np.zeros((D_IN, D_IN + 1), np.float32), **a)
     with pytest.raises(SAEFormatError, match="affine_skip_connection"):
         load_sae(folder)

@@ -36,7 +36,6 @@ def test_sparsify_keeps_bfloat16(tmp_path):
 
 
 @pytest.mark.parametrize("override,word", [
-    ({"transcode": True}, "transcoder"),
     ({"skip_connection": True}, "skip connection"),
     ({"activation": "groupmax"}, "groupmax"),
 ])

@@ -117,7 +117,7 @@ def test_unknown_names_list_the_valid_ones():
         resolve_hook(m, "blocks.5.hook_resid_post")
     with pytest.raises(InputError, match="unknown hook"):
         resolve_hook(m, "model.layers.9")
-    assert len(valid_names(m)) == 10  # 2 layers x 5 kinds (attn.hook_z included)
+    assert len(valid_names(m)) == 16  # 2 layers x 8 kinds (attn.hook_z and the MLP inputs included)
 
 
 def test_hook_from_sae_metadata_and_width_checks():

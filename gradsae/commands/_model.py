@@ -104,9 +104,15 @@ def load_tokenizer(name: str, option: str = "--tokenizer"):
 
 
 def load_sae_arg(path: str, device: str):
-    """The SAE named by ``--sae`` (any format :func:`gradsae.load_sae` reads)."""
+    """The SAE named by ``--sae``: a local path (any format :func:`gradsae.load_sae` reads), or
+    ``repo_id:folder`` on the Hugging Face Hub, or ``release:sae_id`` of SAELens' registry."""
+    import os
+
     from .. import load_sae
 
+    if ":" in path and not os.path.exists(os.path.expanduser(path)):
+        source, sae_id = path.split(":", 1)
+        return load_sae(source, sae_id, device=device)
     return load_sae(path, device=device)
 
 
@@ -176,7 +182,9 @@ def add_model_arguments(p, prompt: bool = True) -> None:
     g = p.add_argument_group("model and SAE")
     g.add_argument("--model", required=True, help="transformers model directory (or hub name)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    g.add_argument("--sae", required=True, help="SAE directory or file (any format gradsae.load_sae reads)")
+    g.add_argument("--sae", required=True,
+                   help="SAE directory or file (any format gradsae.load_sae reads), repo_id:folder on the "
+                        "Hugging Face Hub, or a SAELens release:sae_id")
     g.add_argument("--hook", default=None, help="hook name or module path (default: the SAE's hook_name)")
     g.add_argument("--mode", choices=("splice", "error"), default="splice",
                    help="splice: the model runs on the SAE reconstruction (default, the paper); "

@@ -2,16 +2,19 @@
 
     sae = gradsae.load_sae(path)                       # format detected from the files
     sae = gradsae.load_sae(path, format="sparsify", device="cuda", dtype=torch.bfloat16)
+    sae = gradsae.load_sae("google/gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82")  # Hub
     sae.save(out_dir)                                  # SAELens layout
 
 One module per format: :mod:`.saelens`, :mod:`.sparsify`, :mod:`.gemmascope`,
 :mod:`.dictionary_learning`; :mod:`.readers` reads and validates the files for all of them;
-:mod:`.objects` wraps live SAEs of other libraries. Importing this package serves
+:mod:`.objects` wraps live SAEs of other libraries; :mod:`.hub` fetches SAEs from the Hugging
+Face Hub (repository + folder, or a SAELens release name). Importing this package serves
 :meth:`gradsae.SAE.save` (SAELens layout) and :meth:`gradsae.SAE.from_object`.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -19,6 +22,7 @@ import torch
 from .. import sae as _sae
 from ..errors import InputError, SAEFormatError
 from ..sae import SAE
+from . import hub
 from .objects import sae_from_object
 from .readers import list_dir, os_path, parse_dtype, read_json
 from .saelens import save_saelens
@@ -95,26 +99,42 @@ def detect_format(path) -> str:
     )
 
 
-def load_sae(path, format: str | None = None, device: Any = "cpu", dtype: Any = None) -> SAE:
-    """Load an SAE from disk as a gradsae :class:`SAE`.
+def load_sae(path, sae_id: str | None = None, format: str | None = None, device: Any = "cpu",
+             dtype: Any = None, *, revision: str | None = None) -> SAE:
+    """Load an SAE from disk or from the Hugging Face Hub as a gradsae :class:`SAE`.
+
+        load_sae("path/to/sae")                                                   # a local path
+        load_sae("google/gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82")  # repo + folder
+        load_sae("EleutherAI/sae-llama-3-8b-32x", "layers.12")                     # sparsify on the Hub
+        load_sae("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical")  # SAELens release
 
     Args:
         path: an SAE directory, or its weights file (``sae_weights.safetensors``,
-            ``sae.safetensors``, ``params.npz`` / ``params.safetensors``, ``ae.pt``).
+            ``sae.safetensors``, ``params.npz`` / ``params.safetensors``, ``ae.pt``); a Hub
+            repository id ``org/name``; or a SAELens release name (needs ``sae_lens``). A local
+            path wins over a Hub id of the same spelling.
+        sae_id: the SAE inside ``path``: the folder in the Hub repository (or in the local
+            directory), or the SAE id of the SAELens release (``canonical`` ids included).
         format: ``"saelens"``, ``"sparsify"``, ``"gemmascope"`` or ``"dictionary_learning"``;
             ``None`` detects it from the file names.
         device: where the weights go (default ``"cpu"``).
         dtype: weight dtype (``torch.float32``, ``"bfloat16"``, ...); ``None`` keeps the stored
             dtype (SAELens: the ``dtype`` its config names).
+        revision: the Hub revision (branch, tag or commit); default ``main``.
 
-    The hook name, model name and layer the checkpoint records are kept on ``sae.meta``, the
-    rest of its config in ``sae.meta.extra``.
+    From the Hub only the files an SAE format reads are fetched, into ``huggingface_hub``'s
+    cache (``HF_HUB_CACHE`` / ``HF_HOME``); ``HF_HUB_OFFLINE=1`` reads the cache only (see
+    :mod:`gradsae.loading.hub`). The hook name, model name and layer the checkpoint records are
+    kept on ``sae.meta``, the rest of its config in ``sae.meta.extra`` (with ``hub``: where it
+    came from).
 
     Raises:
-        InputError: ``format``, ``device`` or ``dtype`` is not a valid choice.
+        InputError: ``format``, ``device`` or ``dtype`` is not a valid choice; an unknown
+            SAELens release or SAE id; a release name without ``sae_lens`` installed.
         SAEFormatError: the path matches no format, or a file is missing, truncated, corrupt,
             has missing tensors, shapes that disagree with each other or the config, an
-            unsupported architecture, or non-finite weights. The message names the file.
+            unsupported architecture, or non-finite weights; a Hub file that is not cached
+            while offline. The message names the file (and the repository).
     """
     try:
         dtype = parse_dtype(dtype)
@@ -124,17 +144,90 @@ def load_sae(path, format: str | None = None, device: Any = "cpu", dtype: Any = 
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise InputError(f"device {device!r} is not a valid torch device ({e})") from None
+    fmt = None if format is None else _format_name(format)
+    if sae_id is not None and not isinstance(sae_id, str):
+        raise InputError(f"sae_id must be a string (a folder or SAE id), got {type(sae_id).__name__}")
     p = os_path(path)
-    if format is None:
+    if p.exists():
+        positional_format = format is None and _format_name(sae_id or "", strict=False) is not None
+        if sae_id is not None and positional_format and not (p / sae_id).exists():
+            fmt = _format_name(sae_id)  # load_sae(path, "sparsify"): the format, positionally
+        elif sae_id is not None:
+            p = p / sae_id
+        return _load_local(p, fmt, device, dtype)
+    text = os.fspath(path) if not isinstance(path, str) else path
+    if hub.is_repo_id(text):  # SAELens release names hold no '/'
+        if sae_id is None:
+            raise SAEFormatError(
+                f"{text}: no such local path; to load from the Hugging Face Hub pass the SAE's folder in the "
+                f"repository too: load_sae({text!r}, 'folder/of/the/sae')"
+            )
+        return _load_hub(text, sae_id, fmt, device, dtype, revision)
+    if "/" not in text.strip("/"):
+        if sae_id is None:
+            raise SAEFormatError(f"{p}: no such file or directory (a SAELens release name needs its SAE id too)")
+        found = hub.resolve_release(text, sae_id)
+        sae = _load_hub(found["repo_id"], found["folder"], fmt or found["format"], device, dtype, revision,
+                        release=found)
+        return sae
+    raise SAEFormatError(f"{p}: no such file or directory")
+
+
+def _format_name(format, strict: bool = True) -> str | None:
+    fmt = str(format).lower().replace("-", "_").replace(" ", "_")
+    fmt = {"gemma_scope": "gemmascope", "sae_lens": "saelens", "dictionary": "dictionary_learning"}.get(fmt, fmt)
+    if fmt not in FORMATS:
+        if not strict:
+            return None
+        raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
+    return fmt
+
+
+def _load_local(p, fmt, device, dtype) -> SAE:
+    if fmt is None:
         fmt = detect_format(p)
-    else:
-        fmt = str(format).lower().replace("-", "_").replace(" ", "_")
-        fmt = {"gemma_scope": "gemmascope", "sae_lens": "saelens", "dictionary": "dictionary_learning"}.get(fmt, fmt)
-        if fmt not in FORMATS:
-            raise InputError(f"unknown format {format!r}; expected one of {FORMATS}")
-        if not p.exists():
-            raise SAEFormatError(f"{p}: no such file or directory")
+    elif not p.exists():
+        raise SAEFormatError(f"{p}: no such file or directory")
     return _loader(fmt)(p, device=device, dtype=dtype)
+
+
+def _load_hub(repo_id, folder, fmt, device, dtype, revision, release=None) -> SAE:
+    local, folder_only, named = hub.fetch_folder(repo_id, folder, revision, fmt)
+    target = local / named if named else local
+    if named and not target.is_file():
+        raise hub.missing(repo_id, folder_only, [named])
+    if fmt is None:
+        try:
+            fmt = detect_format(target) if target.exists() else None
+        except SAEFormatError:
+            fmt = None
+    if not named:
+        hub.check_complete(repo_id, folder_only, local, fmt)
+    sae = _loader(fmt)(target, device=device, dtype=dtype)
+    info = {"repo_id": repo_id, "folder": folder, "revision": revision or "main"}
+    if release is not None:
+        info.update(release=release["release"], sae_id=release["sae_id"])
+        factor = release.get("norm_scaling_factor")
+        unfolded = "folded_scaling_factor" not in sae.meta.extra
+        trained_scaled = sae.meta.extra.get("normalize_activations") == "expected_average_only_in"
+        if trained_scaled and factor is not None and unfolded:
+            sae = _fold_norm_scaling(sae, float(factor))
+        if sae.meta.model_name is None and release.get("model"):
+            sae.meta.model_name = release["model"]
+    sae.meta.extra["hub"] = info
+    return sae
+
+
+def _fold_norm_scaling(sae: SAE, s: float) -> SAE:
+    """The SAE that reads raw inputs as ``sae`` reads inputs scaled by ``s`` (SAELens'
+    ``fold_activation_norm_scaling_factor``)."""
+    meta = dict(sae.meta.extra, folded_scaling_factor=s)
+    return SAE(sae.W_enc * s, sae.b_enc, sae.W_dec / s, sae.b_dec / s, activation=sae.activation, k=sae.k,
+               threshold=sae.threshold, apply_b_dec_to_input=sae.apply_b_dec_to_input,
+               normalize_activations=sae.normalize_activations,
+               rescale_acts_by_decoder_norm=sae.rescale_acts_by_decoder_norm, hook_name=sae.meta.hook_name,
+               model_name=sae.meta.model_name, hook_layer=sae.meta.hook_layer, metadata=meta, check_finite=False,
+               transcoder=sae.transcoder, W_skip=sae.W_skip, hook_name_out=sae.meta.hook_name_out)
 
 
 __all__ = ["load_sae", "detect_format", "FORMATS"]

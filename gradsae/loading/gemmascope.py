@@ -15,6 +15,13 @@ The files carry no hook metadata, so it is read from the path, modestly:
   ``gemma-2-2b``, ``gemma-scope-9b-it-res`` -> ``gemma-2-9b-it``, ``gemma-scope-2-1b-pt`` ->
   ``gemma-3-1b-pt``), else None.
 A ``config.json`` beside the weights is kept verbatim in the metadata.
+
+Transcoders (a path naming ``transcoder`` or ``transcoders``, as Gemma Scope's
+``gemma-scope-2b-pt-transcoders`` and Gemma Scope 2's ``transcoder_all/...``, or a file holding an
+``affine_skip_connection``) have the same arrays and read the MLP's input,
+``blocks.<n>.ln2.hook_normalized`` (the MLP module's input, after the pre-MLP norm), standing for
+``blocks.<n>.hook_mlp_out``. Gemma Scope 2's ``..._affine`` transcoders add
+``x @ affine_skip_connection`` (stored ``[d_in, d_out]``) to the output.
 """
 
 from __future__ import annotations
@@ -24,11 +31,22 @@ from pathlib import Path
 from typing import Any
 
 from ..sae import SAE
-from .readers import build_sae, check_config_dims, fail, get_tensor, read_json, read_npz, read_safetensors
+from .readers import (
+    build_sae,
+    check_config_dims,
+    check_finite,
+    check_shape,
+    fail,
+    get_tensor,
+    read_json,
+    read_npz,
+    read_safetensors,
+)
 
 NPZ_FILENAME = "params.npz"
 SAFETENSORS_FILENAME = "params.safetensors"
 _KNOWN = {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+SKIP = "affine_skip_connection"
 
 
 def find_weights(path: Path) -> Path:
@@ -43,7 +61,8 @@ def find_weights(path: Path) -> Path:
 
 def path_metadata(path: Path) -> dict[str, Any]:
     """``hook_layer``, ``hook_name`` and ``model_name`` guessed from a Gemma Scope path."""
-    text = path.resolve().as_posix()
+    # the file's own name, not its link target (the Hub cache links files to content-named blobs)
+    text = (path.parent.resolve() / path.name).as_posix() if path.is_file() else path.resolve().as_posix()
     m = re.search(r"(?:^|/)layer_(\d+)(?:$|[/_])", text)
     layer = int(m.group(1)) if m else None
     hook = None
@@ -59,7 +78,8 @@ def path_metadata(path: Path) -> dict[str, Any]:
         model = f"gemma-3-{m2.group(1)}-{m2.group(2)}"
     elif m1:
         model = f"gemma-2-{m1.group(1)}" + ("-it" if m1.group(2) == "it" else "")
-    return {"hook_layer": layer, "hook_name": hook, "model_name": model}
+    transcoder = bool(re.search(r"transcoder", text))
+    return {"hook_layer": layer, "hook_name": hook, "model_name": model, "transcoder": transcoder}
 
 
 def load_gemmascope(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
@@ -73,6 +93,7 @@ def load_gemmascope(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         raise fail(weights_file, "not a Gemma Scope weights file (expected .npz or .safetensors)")
     # w_enc -> W_enc, w_dec -> W_dec; other keys as they are
     tensors = {("W_" + k[2:] if k.startswith("w_") else k): v for k, v in raw.items()}
+    skip = tensors.pop(SKIP, None)
     unknown = sorted(set(tensors) - _KNOWN)
     if unknown:
         raise fail(
@@ -94,6 +115,17 @@ def load_gemmascope(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
             check_config_dims(weights_file, cfg_file, W_enc.shape[0], W_enc.shape[1], None, width)
         extra["config"] = cfg
     meta = path_metadata(weights_file)
+    transcoder_kw: dict[str, Any] = {}
+    if skip is not None or meta.pop("transcoder"):
+        layer = meta["hook_layer"]
+        meta["hook_name"] = None if layer is None else f"blocks.{layer}.ln2.hook_normalized"
+        transcoder_kw = {"transcoder": True, "hook_name_out": None if layer is None else f"blocks.{layer}.hook_mlp_out"}
+        if skip is not None:
+            d_in = W_enc.shape[0]
+            check_shape(skip, (d_in, d_in), SKIP, weights_file, "[d_in, d_out] with d_out == d_in")
+            check_finite({SKIP: skip}, weights_file)
+            transcoder_kw["W_skip"] = skip.T
+    meta.pop("transcoder", None)
 
     return build_sae(
         weights_file,
@@ -101,5 +133,5 @@ def load_gemmascope(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         W_dec=get_tensor(tensors, "W_dec", weights_file), b_dec=get_tensor(tensors, "b_dec", weights_file),
         threshold=threshold, device=device, dtype=dtype,
         activation="jumprelu", apply_b_dec_to_input=False,
-        metadata=extra, **meta,
+        metadata=extra, **meta, **transcoder_kw,
     )

@@ -12,8 +12,13 @@ imported here, so this works whichever of them are installed):
   ``metadata["reshape_activations"] = "hook_z"``, as gradsae's SAELens loader does;
   ``expected_average_only_in`` and ``covariance_whitening`` are identities in SAELens' own
   ``encode`` (they are folded into the weights at load time), so they are identities here too.
+- **SAELens transcoders**: ``Transcoder``, ``SkipTranscoder``, ``JumpReLUTranscoder`` and
+  ``JumpReLUSkipTranscoder`` (``d_out == d_in``), as gradsae transcoders (input read as it is,
+  ``W_skip`` carried; the output hook is the metadata's ``hook_name_out``, else the
+  ``hook_mlp_out`` of the input hook's layer).
 - **EleutherAI sparsify** (``sparsify``) ``SparseCoder`` (alias ``Sae``) with the ``topk``
-  activation.
+  activation, autoencoders and transcoders (``transcode=True``, with or without
+  ``skip_connection``).
 - **dictionary_learning** (``dictionary_learning``) ``AutoEncoder``, ``AutoEncoderNew``,
   ``GatedAutoEncoder``, ``JumpReluAutoEncoder``, ``AutoEncoderTopK``, ``BatchTopKSAE`` and
   ``MatryoshkaBatchTopKSAE`` (each with its ``encode``'s default arguments).
@@ -38,11 +43,12 @@ import torch
 
 from ..errors import InputError
 from ..sae import SAE
-from .readers import hook_layer_from_name
+from .readers import default_hook_out, hook_layer_from_name
 
 SUPPORTED = (
     "a gradsae SAE; SAELens SAE/TrainingSAE (standard, topk, jumprelu, gated, batchtopk, "
-    "matryoshka_batchtopk); sparsify SparseCoder (topk); dictionary_learning AutoEncoder, "
+    "matryoshka_batchtopk, transcoder, skip_transcoder, jumprelu_transcoder, jumprelu_skip_transcoder); "
+    "sparsify SparseCoder (topk, transcoders); dictionary_learning AutoEncoder, "
     "AutoEncoderNew, GatedAutoEncoder, JumpReluAutoEncoder, AutoEncoderTopK, BatchTopKSAE, "
     "MatryoshkaBatchTopKSAE"
 )
@@ -164,6 +170,8 @@ def _from_saelens(obj: Any) -> SAE:
     )
     W_enc, W_dec, b_dec = obj.W_enc, obj.W_dec, obj.b_dec
 
+    if arch in _SAELENS_TRANSCODERS:
+        return _saelens_transcoder(obj, arch, kw, metaget)
     if arch == "standard":
         return SAE(_t(W_enc), _t(obj.b_enc), _t(W_dec), _t(b_dec), activation="relu", **kw)
     if arch == "topk":
@@ -196,8 +204,30 @@ def _from_saelens(obj: Any) -> SAE:
     raise _unsupported(
         obj,
         f"SAELens architecture {arch!r} has no exact gradsae form (abstopk keeps negative "
-        "activations, transcoders and temporal / matching-pursuit SAEs are not "
-        "single-hook encoder-decoders)",
+        "activations, temporal / matching-pursuit SAEs and cross-layer transcoders are not "
+        "encoder-decoders of one hook or one MLP)",
+    )
+
+
+_SAELENS_TRANSCODERS = {"transcoder": "relu", "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu",
+                        "jumprelu_skip_transcoder": "jumprelu"}
+
+
+def _saelens_transcoder(obj: Any, arch: str, kw: dict, metaget) -> SAE:
+    d_in, d_out = obj.W_enc.shape[0], obj.W_dec.shape[-1]
+    if d_out != d_in:
+        raise _unsupported(obj, f"a transcoder from d_in={d_in} to d_out={d_out} (gradsae's transcoders have "
+                                "d_out == d_in)")
+    if kw["normalize_activations"] != "none":
+        raise _unsupported(obj, f"a transcoder with normalize_activations={kw['normalize_activations']!r}")
+    kw = dict(kw, apply_b_dec_to_input=False)  # SAELens' transcoders never subtract b_dec
+    act = _SAELENS_TRANSCODERS[arch]
+    skip = getattr(obj, "W_skip", None)
+    return SAE(
+        _t(obj.W_enc), _t(obj.b_enc), _t(obj.W_dec), _t(obj.b_dec), activation=act,
+        threshold=_t(obj.threshold) if act == "jumprelu" else None, transcoder=True,
+        W_skip=None if skip is None else _t(skip),
+        hook_name_out=metaget("hook_name_out") or default_hook_out(kw["hook_name"]), **kw,
     )
 
 
@@ -209,18 +239,19 @@ def _from_sparsify(obj: Any) -> SAE:
     activation = getattr(cfg, "activation", "topk")
     if activation != "topk":
         raise _unsupported(obj, f"sparsify activation {activation!r} (only 'topk' is supported)")
-    if getattr(cfg, "transcode", False):
-        raise _unsupported(obj, "a sparsify transcoder maps one hook to another, not an SAE")
-    if getattr(obj, "W_skip", None) is not None:
-        raise _unsupported(obj, "a sparsify skip connection adds x @ W_skip to the decode")
+    transcode = bool(getattr(cfg, "transcode", False))
+    skip = getattr(obj, "W_skip", None)
+    if skip is not None and not transcode:
+        raise _unsupported(obj, "a sparsify skip connection on an autoencoder adds x @ W_skip to the decode")
     if getattr(obj, "W_dec", None) is None:
         raise _unsupported(obj, "this SparseCoder was built without a decoder (W_dec is None)")
     # encoder is nn.Linear(d_in, num_latents): weight [num_latents, d_in]; W_dec [num_latents, d_in]
     return SAE(
         _t(obj.encoder.weight).T, _t(obj.encoder.bias), _t(obj.W_dec), _t(obj.b_dec),
-        activation="topk", k=int(cfg.k), apply_b_dec_to_input=True,
+        activation="topk", k=int(cfg.k), apply_b_dec_to_input=not transcode,
         metadata={"library": "sparsify", "class": type(obj).__name__,
                   "multi_topk": bool(getattr(cfg, "multi_topk", False))},
+        transcoder=transcode, W_skip=None if skip is None else _t(skip),
     )
 
 

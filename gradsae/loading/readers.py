@@ -284,6 +284,13 @@ def hook_layer_from_name(name: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def default_hook_out(hook_in: str | None) -> str | None:
+    """A transcoder's output hook when its checkpoint names only the input: the
+    ``blocks.L.hook_mlp_out`` of the input hook's layer (None without a layer)."""
+    layer = hook_layer_from_name(hook_in)
+    return None if layer is None else f"blocks.{layer}.hook_mlp_out"
+
+
 def list_dir(path: Path, limit: int = 20) -> str:
     """A short listing of a directory for error messages."""
     try:

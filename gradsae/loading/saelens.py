@@ -26,8 +26,12 @@ otherwise the setting is recorded in the metadata and the weights are used as th
 Attention-output SAEs (``hook_z``) work on the heads flattened into one vector of
 ``d_in = n_heads * d_head``; ``metadata["reshape_activations"] == "hook_z"`` tells the caller to
 flatten. Gated SAEs (``b_gate``, ``b_mag``, ``r_mag``) load as their exact JumpReLU form (see
-:func:`gradsae.loading.objects.gated_as_jumprelu`). Transcoders and other architectures are
-refused with an error that names them.
+:func:`gradsae.loading.objects.gated_as_jumprelu`). Transcoders (``transcoder``,
+``skip_transcoder``, ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``: ``d_out``, and
+``W_skip [d_out, d_in]`` for the skip forms) load as gradsae transcoders: the input is read as it
+is (SAELens' transcoders never subtract ``b_dec``), the output hook is ``hook_name_out`` (in the
+metadata or at the top level of the config; by default the ``hook_mlp_out`` of the input hook's
+layer). Other architectures are refused with an error that names them.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from ..sae import SAE
 from .readers import (
     build_sae,
     check_config_dims,
+    check_finite,
+    check_shape,
+    default_hook_out,
     fail,
     get_tensor,
     hook_layer_from_name,
@@ -59,7 +66,13 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SCALER_FILENAME = "activation_scaler.json"
 
-SUPPORTED = ("standard", "topk", "jumprelu", "batchtopk", "gated")
+TRANSCODERS = {  # architecture -> (activation, has W_skip)
+    "transcoder": ("standard", False),
+    "skip_transcoder": ("standard", True),
+    "jumprelu_transcoder": ("jumprelu", False),
+    "jumprelu_skip_transcoder": ("jumprelu", True),
+}
+SUPPORTED = ("standard", "topk", "jumprelu", "batchtopk", "gated", *TRANSCODERS)
 _GATED_TENSORS = ("b_gate", "b_mag", "r_mag")  # a gated SAE, evaluated in its exact JumpReLU form
 # tensors of architectures gradsae cannot evaluate: their presence must not be ignored
 _FOREIGN_TENSORS = ("W_skip", "b_gate", "b_mag", "r_mag", "W_dec_out", "b_dec_out")
@@ -68,7 +81,7 @@ _CONSUMED = {
     "architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
     "normalize_activations", "k", "rescale_acts_by_decoder_norm", "activation_fn",
     "activation_fn_str", "activation_fn_kwargs", "metadata", "hook_name", "hook_point",
-    "model_name", "hook_layer", "hook_point_layer", "finetuning_scaling_factor",
+    "model_name", "hook_layer", "hook_point_layer", "finetuning_scaling_factor", "d_out", "hook_name_out",
 }
 # the version written into saved configs' metadata: the SAELens config layout (>= 6.0) the
 # file follows, which SAELens reads to decide how to parse the config
@@ -108,8 +121,7 @@ def _architecture(cfg: dict, cfg_file: Path) -> tuple[str, int | None]:
     if arch not in SUPPORTED:
         raise fail(
             cfg_file,
-            f"unsupported SAE architecture {arch!r}; gradsae loads {', '.join(SUPPORTED)} "
-            "(transcoders cannot be evaluated as encode/decode SAEs)",
+            f"unsupported SAE architecture {arch!r}; gradsae loads {', '.join(SUPPORTED)}",
         )
     if arch == "topk":
         if k is None:
@@ -126,6 +138,14 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
     cfg = read_json(cfg_file, "SAELens config")
     arch, k = _architecture(cfg, cfg_file)
     tensors = read_safetensors(weights_file)
+    transcoder = arch in TRANSCODERS
+    W_skip = None
+    if transcoder:
+        arch_tc = arch
+        arch, with_skip = TRANSCODERS[arch_tc]
+        if with_skip:
+            W_skip = get_tensor(tensors, "W_skip", weights_file)
+        tensors = {n: t for n, t in tensors.items() if n != "W_skip"}
     foreign = [n for n in _FOREIGN_TENSORS if n in tensors and not (arch == "gated" and n in _GATED_TENSORS)]
     if foreign:
         raise fail(weights_file, f"holds {foreign}, tensors of an architecture gradsae does not support")
@@ -138,6 +158,16 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         raise fail(weights_file, f"tensor 'W_enc' has shape {list(W_enc.shape)}, expected [d_in, d_sae]")
     d_in, d_sae = W_enc.shape
     check_config_dims(weights_file, cfg_file, d_in, d_sae, cfg.get("d_in"), cfg.get("d_sae"))
+    if transcoder:
+        d_out = W_dec.shape[-1] if W_dec.dim() == 2 else None
+        if cfg.get("d_out") not in (None, d_out):
+            raise fail(weights_file, f"W_dec has d_out={d_out} but {cfg_file.name} says d_out={cfg.get('d_out')}")
+        if d_out != d_in:
+            raise fail(weights_file, f"a transcoder from d_in={d_in} to d_out={d_out}; gradsae's transcoders have "
+                                     "d_out == d_in (an MLP's input and output)")
+        if W_skip is not None:
+            check_shape(W_skip, (d_in, d_in), "W_skip", weights_file, "[d_out, d_in]")
+            check_finite({"W_skip": W_skip}, weights_file)
 
     threshold = None
     activation = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
@@ -175,6 +205,9 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
             W_dec = W_dec * s.to(W_dec.dtype).reshape(-1, 1)
 
     normalize = _normalization(cfg.get("normalize_activations"), cfg_file)
+    if transcoder and normalize not in ("none", "expected_average_only_in"):
+        raise fail(cfg_file, f"a transcoder with normalize_activations={normalize!r}; gradsae's transcoders read "
+                             "their input as it is")
     extra_meta: dict[str, Any] = {}
     if normalize == "expected_average_only_in":
         extra_meta["normalize_activations"] = normalize
@@ -208,7 +241,11 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         # attention-output SAEs read [..., n_heads, d_head] flattened to d_in = n_heads * d_head
         extra.setdefault("reshape_activations", "hook_z")
     extra["format"] = "saelens"
-    extra["architecture"] = arch
+    extra["architecture"] = arch_tc if transcoder else arch
+    transcoder_kw: dict[str, Any] = {}
+    if transcoder:
+        out = meta.get("hook_name_out", cfg.get("hook_name_out")) or default_hook_out(hook_name)
+        transcoder_kw = {"transcoder": True, "hook_name_out": out, "W_skip": W_skip}
 
     stored = cfg.get("dtype")
     if dtype is None and stored is not None:
@@ -222,13 +259,15 @@ def load_saelens(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold,
         device=device, dtype=dtype,
         activation=activation, k=k,
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)) and not transcoder,
         normalize_activations=normalize,
         rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)) and arch in ("topk", "batchtopk"),
         hook_name=hook_name, model_name=model_name,
         hook_layer=hook_layer,
         metadata=extra,
+        **transcoder_kw,
     )
+
 
 
 # ---------------------------------------------------------------------------------- saving
@@ -257,9 +296,21 @@ def saelens_state(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     tensors = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if sae.activation == "jumprelu":
         tensors["threshold"] = sae.threshold
+    if sae.transcoder:
+        if arch == "topk" or sae.apply_b_dec_to_input:
+            raise InputError(
+                "SAELens has no transcoder that " + ("keeps the top k latents" if arch == "topk" else
+                                                     "subtracts b_dec from its input") + "; this transcoder cannot be "
+                "saved in SAELens layout"
+            )
+        skip = sae.W_skip is not None
+        arch = {"standard": "skip_transcoder" if skip else "transcoder",
+                "jumprelu": "jumprelu_skip_transcoder" if skip else "jumprelu_transcoder"}[arch]
+        if skip:
+            tensors["W_skip"] = sae.W_skip
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
-    reserved = {"format", "architecture", "folded_scaling_factor", "reshape_activations"}
+    reserved = {"format", "architecture", "folded_scaling_factor", "reshape_activations", "hub"}
     metadata = _jsonable({k: v for k, v in sae.meta.extra.items() if k not in reserved and k not in _CONSUMED})
     metadata.update(
         hook_name=sae.meta.hook_name, model_name=sae.meta.model_name, hook_layer=sae.meta.hook_layer,
@@ -279,6 +330,9 @@ def saelens_state(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if arch == "topk":
         cfg["k"] = sae.k
         cfg["rescale_acts_by_decoder_norm"] = rescale
+    if sae.transcoder:
+        cfg["d_out"] = sae.W_dec.shape[-1]
+        metadata["hook_name_out"] = sae.meta.hook_name_out
     return cfg, tensors
 
 

@@ -10,7 +10,12 @@ gradsae's orientation: no transpose) and ``b_dec [d_in]``.
 
 sparsify encodes ``topk(relu(encoder(x - b_dec)))`` and decodes ``acts @ W_dec + b_dec``: a
 gradsae ``topk`` SAE with ``apply_b_dec_to_input=True`` whatever ``normalize_decoder`` says.
-Transcoders and skip connections map an input to a different output and are refused.
+
+A transcoder (``transcode=true``) encodes ``topk(relu(encoder(x)))`` (no ``b_dec`` subtracted),
+reads the input of the hookpoint's module and stands for its output; with
+``skip_connection=true`` it adds ``x @ W_skip.T`` (``W_skip [d_in, d_in]``). It loads as a
+gradsae transcoder whose input and output hooks are both the hookpoint (the module's input and
+output, see :mod:`gradsae.model.transcoder`). A skip connection on an autoencoder is refused.
 
 The hook is the directory's name (sparsify's hookpoint, a module path such as ``layers.6``);
 the layer is read from it, and the model name from the run's ``config.json`` one level up when
@@ -23,7 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from ..sae import SAE
-from .readers import build_sae, check_config_dims, fail, get_tensor, hook_layer_from_name, read_json, read_safetensors
+from .readers import (
+    build_sae,
+    check_config_dims,
+    check_finite,
+    check_shape,
+    fail,
+    get_tensor,
+    hook_layer_from_name,
+    read_json,
+    read_safetensors,
+)
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae.safetensors"
@@ -36,10 +51,10 @@ def load_sparsify(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
     weights_file = path if path.is_file() and path.suffix == ".safetensors" else folder / WEIGHTS_FILENAME
     cfg = read_json(cfg_file, "sparsify config")
 
-    if cfg.get("transcode"):
-        raise fail(cfg_file, "is a transcoder (transcode=true); gradsae loads autoencoders only")
-    if cfg.get("skip_connection"):
-        raise fail(cfg_file, "has a skip connection (skip_connection=true), which gradsae does not support")
+    transcode = bool(cfg.get("transcode"))
+    if cfg.get("skip_connection") and not transcode:
+        raise fail(cfg_file, "has a skip connection (skip_connection=true) on an autoencoder, which gradsae does "
+                             "not support (it does on transcoders)")
     if cfg.get("signed"):
         raise fail(cfg_file, "uses signed activations (signed=true), which gradsae does not support")
     activation = cfg.get("activation", "topk")
@@ -52,8 +67,11 @@ def load_sparsify(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         raise fail(cfg_file, f"k must be a positive integer, got {k!r}")
 
     tensors = read_safetensors(weights_file)
-    if "W_skip" in tensors:
-        raise fail(weights_file, "holds W_skip (a skip connection), which gradsae does not support")
+    W_skip = None
+    if "W_skip" in tensors and not (transcode and cfg.get("skip_connection")):
+        raise fail(weights_file, "holds W_skip but its config has no skip_connection=true transcoder")
+    if transcode and cfg.get("skip_connection"):
+        W_skip = get_tensor(tensors, "W_skip", weights_file)
     enc_w = get_tensor(tensors, "encoder.weight", weights_file)
     enc_b = get_tensor(tensors, "encoder.bias", weights_file)
     W_dec = get_tensor(tensors, "W_dec", weights_file)
@@ -68,6 +86,9 @@ def load_sparsify(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         except (TypeError, ValueError):
             raise fail(cfg_file, "d_in and expansion_factor must be integers") from None
     check_config_dims(weights_file, cfg_file, d_in, d_sae, cfg.get("d_in"), num_latents)
+    if W_skip is not None:
+        check_shape(W_skip, (d_in, d_in), "W_skip", weights_file, "[d_in, d_in]")
+        check_finite({"W_skip": W_skip}, weights_file)
 
     hook_name = folder.resolve().name
     model_name = None
@@ -82,7 +103,8 @@ def load_sparsify(path: Path, device: Any = "cpu", dtype: Any = None) -> SAE:
         weights_file,
         W_enc=enc_w.T, b_enc=enc_b, W_dec=W_dec, b_dec=b_dec,
         device=device, dtype=dtype,
-        activation="topk", k=k, apply_b_dec_to_input=True,
+        activation="topk", k=k, apply_b_dec_to_input=not transcode,
         hook_name=hook_name, model_name=model_name, hook_layer=hook_layer_from_name(hook_name),
         metadata=extra,
+        **({"transcoder": True, "hook_name_out": hook_name, "W_skip": W_skip} if transcode else {}),
     )

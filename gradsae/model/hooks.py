@@ -14,6 +14,12 @@ Llama, Mistral, Qwen2/3, Gemma-2/3 and anything laid out like them):
 - ``blocks.{L}.attn.hook_z``: the attention heads' outputs before the output projection, heads
   flattened into one vector of ``n_heads * d_head`` (the input of ``o_proj`` / ``c_proj`` /
   ``dense``), which is how attention-output SAEs are trained;
+- ``blocks.{L}.ln2.hook_normalized`` (alias ``blocks.{L}.mlp.hook_in``): what the MLP module
+  reads, the output of the pre-MLP norm with its weight (``ln_2``, ``post_attention_layernorm``,
+  Gemma's ``pre_feedforward_layernorm``): a transcoder's input, as Gemma Scope's transcoders read
+  it. (On a TransformerLens model the name is TransformerLens' own hook point.)
+- ``blocks.{L}.hook_mlp_in``: the residual stream entering the pre-MLP norm (TransformerLens'
+  meaning: the norm's input);
 - a module path of the model (``model.layers.3.mlp``), or one relative to its base model, as
   sparsify names its hookpoints (``layers.3``, ``h.3``): the module's output. This also resolves
   hook modules named like ``blocks.9.hook_resid_post`` on models that have them.
@@ -31,7 +37,9 @@ import torch
 
 from ..errors import InputError
 
-TL_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_z")
+TL_KINDS = ("hook_resid_pre", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_z",
+            "ln2.hook_normalized", "mlp.hook_in", "hook_mlp_in")
+MLP_INPUTS = ("ln2.hook_normalized", "mlp.hook_in", "hook_mlp_in")  # the kinds a transcoder reads
 _TL_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(k.replace(".", r"\.") for k in TL_KINDS) + r")$")
 
 # Decoder-layer containers, tried in order (relative to the top-level model).
@@ -56,6 +64,13 @@ _MLP_OUT = {
     "gemma3": ("post_feedforward_layernorm",),
     "gemma3_text": ("post_feedforward_layernorm",),
 }
+# the norm in front of the MLP, whose input is hook_mlp_in
+_MLP_NORM = {
+    "gemma2": ("pre_feedforward_layernorm",),
+    "gemma3": ("pre_feedforward_layernorm",),
+    "gemma3_text": ("pre_feedforward_layernorm",),
+}
+_MLP_NORM_DEFAULT = ("ln_2", "post_attention_layernorm", "ffn_norm", "ln2")
 _ATTN_DEFAULT = ("self_attn", "attn", "attention", "self_attention")
 _ATTN_PROJ = ("o_proj", "c_proj", "dense", "out_proj")  # the attention's output projection
 _MLP_DEFAULT = ("mlp", "feed_forward", "ffn")
@@ -176,6 +191,10 @@ def valid_names(model) -> list[str]:
                 continue
             if kind == "hook_mlp_out" and _mlp_name(model, layer) is None:
                 continue
+            if kind in ("ln2.hook_normalized", "mlp.hook_in") and _sub(layer, _MLP_DEFAULT) is None:
+                continue
+            if kind == "hook_mlp_in" and _sub(layer, _MLP_NORM.get(model_type(model), _MLP_NORM_DEFAULT)) is None:
+                continue
             if kind == "attn.hook_z" and _z_point(layer) is None:
                 continue
             out.append(f"blocks.{i}.{kind}")
@@ -256,6 +275,13 @@ def resolve_hook(model, name: str) -> HookPoint:
             if z is None:
                 raise _unknown(model, name, f"layer {layer_i} has no recognised attention output projection")
             return HookPoint(name, z[1], f"{lp}.{z[0]}", "input", z[2])
+        if kind in MLP_INPUTS:
+            names = _MLP_NORM.get(model_type(model), _MLP_NORM_DEFAULT) if kind == "hook_mlp_in" else _MLP_DEFAULT
+            sub = _sub(layer, names)
+            if sub is None:
+                what = "MLP norm" if kind == "hook_mlp_in" else "MLP"
+                raise _unknown(model, name, f"layer {layer_i} has no recognised {what}")
+            return HookPoint(name, getattr(layer, sub), f"{lp}.{sub}", "input", d)
         sub = _attn_name(model, layer) if kind == "hook_attn_out" else _mlp_name(model, layer)
         if sub is None:
             raise _unknown(model, name, f"layer {layer_i} has no recognised {kind[5:-4]} sub-module")
@@ -268,3 +294,21 @@ def resolve_hook(model, name: str) -> HookPoint:
             prefix = next((p for p, mm in model.named_modules() if mm is base), "")
             return HookPoint(name, m, f"{prefix}.{name}" if prefix else name, "output", None)
     raise _unknown(model, name, "no such name or module")
+
+
+def resolve_transcoder(model, hook_in: str, hook_out: str | None = None) -> tuple[HookPoint, HookPoint]:
+    """The ``(input, output)`` points of a transcoder on ``model``.
+
+    ``hook_in``: where it reads (``blocks.L.ln2.hook_normalized`` ...); ``hook_out``: where its
+    output stands (``blocks.L.hook_mlp_out``). When both name the same module (sparsify's
+    transcoders: ``layers.L.mlp``), the transcoder reads that module's input and stands for its
+    output. ``hook_out=None``: the ``hook_mlp_out`` of the layer of a ``blocks.L....`` name,
+    else ``hook_in`` itself (a module path: that module's input and output).
+    """
+    if hook_out is None:
+        m = re.match(r"^blocks\.(\d+)\.", str(hook_in))
+        hook_out = f"blocks.{m.group(1)}.hook_mlp_out" if m else hook_in
+    out = resolve_hook(model, hook_out)
+    if hook_in == hook_out:
+        return HookPoint(hook_in, out.module, out.module_path, "input", out.d_model), out
+    return resolve_hook(model, hook_in), out

@@ -121,6 +121,10 @@ class GradSAE:
         backend: influence backend for the encode, the sparse decode and the gather-dot
             (see :func:`gradsae.available_backends`).
         hooks: the hooks of a list of SAEs, one per SAE.
+        hook_out: for a transcoder (``sae.transcoder``), the hook its output stands for (None:
+            the SAE's ``meta.hook_name_out``, else the ``hook_mlp_out`` of ``hook``'s layer, or
+            for a module path the module's own output); ``hook`` is then where it reads
+            (:mod:`gradsae.model.transcoder`). Several SAEs: each transcoder's own metadata.
 
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
     parameters never receive gradients, and backward stops at the (first) hook.
@@ -136,8 +140,10 @@ class GradSAE:
     """
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
-                 backend: str = "auto", hooks=None):
+                 backend: str = "auto", hooks=None, hook_out: str | None = None):
         pairs, multi = _sae_list(sae, hook, hooks)
+        if hook_out is not None and multi:
+            raise InputError("hook_out= is for one transcoder; several take each one's meta.hook_name_out")
         model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -153,6 +159,12 @@ class GradSAE:
         self.saes, self.points, self.splices = {}, {}, {}
         for h, sv in pairs:
             sv = sv if sv.device == self.device else sv.to(device=self.device)
+            if getattr(sv, "transcoder", False):  # reads hook h, stands for hook_out
+                from .transcoder import TranscoderSplice
+
+                self.splices[h] = TranscoderSplice.build(model, sv, h, hook_out, mode, backend)
+                self.saes[h], self.points[h] = sv, self.splices[h].point_in
+                continue
             point = resolve_hook(model, h)
             if point.d_model is not None and point.d_model != sv.d_in:
                 raise InputError(
