@@ -470,7 +470,8 @@ class CorpusRun:
                         with amp_ctx():
                             att = self.scorer.attribute(batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                                         objective=cfg.objective, stats=sink,
-                                                        deterministic=cfg.deterministic, **obj_kw)
+                                                        deterministic=cfg.deterministic, error_node=False,
+                                                        **obj_kw)
                     nxt = next(it, None)  # read on before committing: its cursor is the next ``at``
                     with guard.critical():
                         consistent = False

@@ -279,7 +279,7 @@ class GradSAE:
         if method != "grad" or baseline is not None:
             self._one_sae(f"method={method!r}" if method != "grad" else "baseline=")
         if len(self.splices) == 1 and (method != "grad" or baseline is not None or
-                                       (error_node and self.mode == "error")):
+                                       (error_node and self.mode == "error" and not self.sae.transcoder)):
             from .methods import attribute_grad, attribute_ig, check_method
 
             check_method(method, steps)
@@ -437,6 +437,9 @@ class GradSAE:
         if len(self.splices) > 1:
             raise InputError(f"{what} takes a scorer with one SAE; this one has {len(self.splices)} "
                              f"({', '.join(self.splices)}): build GradSAE(model, sae, hook=...) per hook")
+        if self.sae.transcoder:
+            raise InputError(f"{what} is not offered for transcoders (their first-order scores are: use "
+                             "method='grad' without baseline=)")
 
     def validate(self, prompts, K: int = 10, steps: int = 16, budget: int | None = 64, objective="predicted_prob",
                  position: int = -1, batch_size: int = 16, **objective_kwargs):
