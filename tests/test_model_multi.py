@@ -146,6 +146,23 @@ def test_splice_mode_equals_dense_recipe_with_all_saes_spliced(arch):
     assert not torch.allclose(first, _dense(alone.influence, saes["blocks.0.hook_resid_post"].d_sae))
 
 
+def test_padded_batch_equals_each_text_alone_in_splice_mode():
+    # float32 (HF's eager attention leaves NaN in fully masked rows in float64); pad rows must
+    # not leak into the gradient that passes through the later SAEs' encoders
+    m = tm.model("llama", d=D, scale=3.0)
+    saes = {h: s.to(dtype=torch.float32) for h, s in _saes(seed=7).items()}
+    tok = tm.tokenizer(padding_side="right")
+    texts = ["the king of the north was red", "what river is blue ?", "a queen"]
+    sc = GradSAE(m, saes, tokenizer=tok)
+    batch = sc.score(texts, objective="loss")
+    for i, text in enumerate(texts):
+        one = sc.score(text, objective="loss")
+        for h in saes:
+            got, want = batch[h][i].scores, one[h].scores
+            assert bool(torch.isfinite(got).all())
+            assert (got - want).abs().max().item() <= 1e-4 * max(want.abs().max().item(), 1e-30), h
+
+
 @pytest.mark.parametrize("mode", ["splice", "error"])
 def test_intervene_per_hook_equals_dense_hooks(mode):
     m = tm.model("llama", d=D, scale=3.0).double()

@@ -137,7 +137,11 @@ def encoder_backward(sae, idx: torch.Tensor, acts: torch.Tensor, grads: torch.Te
         out[a:a + rows] = (cols * w[a:a + rows]).sum(-1).T
     xd = x.reshape(-1, sae.d_in).detach().to(sae.dtype)
     if sae.normalize_activations == "constant_norm_rescale":
-        out = out * (math.sqrt(sae.d_in) / xd.norm(dim=-1).clamp_min(torch.finfo(xd.dtype).tiny)).unsqueeze(-1)
+        # a zero row (a pad position, never encoded) has no latents and gets no gradient; its
+        # coefficient would overflow, and inf * 0 would leak NaN into the model's backward
+        n = xd.norm(dim=-1)
+        coeff = torch.where(n > 0, math.sqrt(sae.d_in) / n.clamp_min(torch.finfo(xd.dtype).tiny), torch.zeros_like(n))
+        out = out * coeff.unsqueeze(-1)
     elif sae.normalize_activations == "layer_norm":
         std = (xd - xd.mean(dim=-1, keepdim=True)).std(dim=-1)
         out = out / (std + LAYER_NORM_EPS).unsqueeze(-1)
