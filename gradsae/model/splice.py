@@ -316,3 +316,37 @@ class Splice:
         if clone and out is hd:
             out = hd.clone()
         return out, idx, new_acts, hd
+
+
+class SpliceGroup:
+    """Several :class:`Splice` driven as one (a :class:`~gradsae.model.scorer.GradSAE` with
+    several SAEs exposes its splices this way as ``scorer.splice``): ``with group:`` attaches
+    them all; :attr:`edits_last_position` and :attr:`interventions` cover every member."""
+
+    def __init__(self, splices):
+        self.splices = list(splices)
+
+    def attach(self) -> None:
+        for sp in self.splices:
+            sp.attach()
+
+    def detach(self) -> None:
+        for sp in reversed(self.splices):
+            sp.detach()
+
+    def __enter__(self):
+        self.attach()
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    @property
+    def interventions(self) -> list:
+        """The interventions in force at every member, member by member."""
+        return [iv for sp in self.splices for iv in sp.interventions]
+
+    @property
+    def edits_last_position(self) -> bool:
+        """An active intervention at some member edits only the last position."""
+        return any(sp.edits_last_position for sp in self.splices)
