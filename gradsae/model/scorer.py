@@ -30,7 +30,7 @@ from .head import split_head
 from .hooks import resolve_hook
 from .interventions import Intervention
 from .results import PromptScores, ScoreResult
-from .splice import MODES, Splice
+from .splice import MODES, Splice, SpliceGroup
 from .transformer_lens import adapt_model
 
 REDUCES = ("mean", "sum", "last")
@@ -126,6 +126,10 @@ class GradSAE:
             for a module path the module's own output); ``hook`` is then where it reads
             (:mod:`gradsae.model.transcoder`). Several SAEs: each transcoder's own metadata.
 
+    ``sae``, ``point``: the (first) SAE and its hook point; ``saes``, ``points``, ``splices``:
+    ``{hook: ...}`` of every SAE; ``splice``: the :class:`Splice` (several SAEs: a
+    :class:`SpliceGroup` of them all, so that generation runs with every SAE in place).
+
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
     parameters never receive gradients, and backward stops at the (first) hook.
 
@@ -174,7 +178,9 @@ class GradSAE:
             self.saes[h], self.points[h] = sv, point
             self.splices[h] = Splice(point, sv, mode, backend)
         first = names[0]
-        self.sae, self.point, self.splice = self.saes[first], self.points[first], self.splices[first]
+        self.sae, self.point = self.saes[first], self.points[first]
+        # what generation attaches: the one splice, or every SAE's at once
+        self.splice = SpliceGroup(self.splices.values()) if multi else self.splices[first]
 
     @property
     def hooks(self) -> list[str]:

@@ -137,7 +137,11 @@ def encoder_backward(sae, idx: torch.Tensor, acts: torch.Tensor, grads: torch.Te
         out[a:a + rows] = (cols * w[a:a + rows]).sum(-1).T
     xd = x.reshape(-1, sae.d_in).detach().to(sae.dtype)
     if sae.normalize_activations == "constant_norm_rescale":
-        out = out * (math.sqrt(sae.d_in) / xd.norm(dim=-1).clamp_min(torch.finfo(xd.dtype).tiny)).unsqueeze(-1)
+        # a zero row (a pad position, never encoded) has no latents and gets no gradient; its
+        # coefficient would overflow, and inf * 0 would leak NaN into the model's backward
+        n = xd.norm(dim=-1)
+        coeff = torch.where(n > 0, math.sqrt(sae.d_in) / n.clamp_min(torch.finfo(xd.dtype).tiny), torch.zeros_like(n))
+        out = out * coeff.unsqueeze(-1)
     elif sae.normalize_activations == "layer_norm":
         std = (xd - xd.mean(dim=-1, keepdim=True)).std(dim=-1)
         out = out / (std + LAYER_NORM_EPS).unsqueeze(-1)
@@ -312,3 +316,37 @@ class Splice:
         if clone and out is hd:
             out = hd.clone()
         return out, idx, new_acts, hd
+
+
+class SpliceGroup:
+    """Several :class:`Splice` driven as one (a :class:`~gradsae.model.scorer.GradSAE` with
+    several SAEs exposes its splices this way as ``scorer.splice``): ``with group:`` attaches
+    them all; :attr:`edits_last_position` and :attr:`interventions` cover every member."""
+
+    def __init__(self, splices):
+        self.splices = list(splices)
+
+    def attach(self) -> None:
+        for sp in self.splices:
+            sp.attach()
+
+    def detach(self) -> None:
+        for sp in reversed(self.splices):
+            sp.detach()
+
+    def __enter__(self):
+        self.attach()
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    @property
+    def interventions(self) -> list:
+        """The interventions in force at every member, member by member."""
+        return [iv for sp in self.splices for iv in sp.interventions]
+
+    @property
+    def edits_last_position(self) -> bool:
+        """An active intervention at some member edits only the last position."""
+        return any(sp.edits_last_position for sp in self.splices)
