@@ -70,7 +70,8 @@ def _run_case(tmp_path, launch):
     from safetensors.torch import load_file
 
     ex = TopExamples.from_dict(load_file(out / "examples.safetensors"))
-    assert ex == ref.examples
+    assert ex == ref.examples  # top and bottom, with their per-token windows
+    assert bool((ex.bottom_doc >= 0).any()) and bool((ex.bottom_ctx_score != 0).any())
     meta = json.loads((out / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["tokens"] == ref.meta["tokens"]
     for k in ("documents", "sequences", "batches"):

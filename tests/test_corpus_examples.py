@@ -72,7 +72,8 @@ def _brute_both(batches, d_sae, n, c):
                     if j < 0:
                         continue
                     win = [u for u in range(t - c, t + c + 1) if 0 <= u < T]
-                    per[j].append((float(inf.scores[b, t, q]), int(docs[b]), int(offs[b]) + t, float(inf.acts[b, t, q]),
+                    per[j].append((float(inf.scores[b, t, q]), int(docs[b]), int(offs[b]) + t,
+                                   float(inf.acts[b, t, q]),
                                    [int(ids[b, u]) for u in win], [act[u][j] for u in win], [sco[u][j] for u in win],
                                    t - win[0]))
     top = {j: sorted(v, key=lambda e: (-e[0], e[1], e[2]))[:n] for j, v in per.items()}

@@ -107,7 +107,8 @@ def _kill_and_resume(tmp_path, seed, data, model, sae, tok):
     (out / ".latents.parquet.zz.tmp").write_bytes(b"partial")
     res = gradsae.score_corpus(model, sae, data, tokenizer=tok, out=out, resume=True, checkpoint_every=1, **RUN)
     assert res.stats == ref.stats  # exact: counts, float64 sums, maxima, tokens
-    assert res.examples == ref.examples
+    assert res.examples == ref.examples  # both sides, with their per-token windows
+    assert bool((ref.examples.bottom_doc >= 0).any()) and bool((ref.examples.ctx_score != 0).any())
     for k in ("tokens", "documents", "sequences", "batches", "records"):
         assert res.meta[k] == ref.meta[k], k
     assert gradsae.LatentStats.load(out / "stats.safetensors") == ref.stats

@@ -424,7 +424,8 @@ def test_bottom_examples_and_windows_match_dense_reference(setup, tmp_path):
         for side in ("top", "bottom"):
             rows = res.examples.rows(j, side)
             got = list(df[f"{side}_examples"][j])
-            assert [(e["doc"], e["pos"], e["center"]) for e in got] == [(r["doc"], r["pos"], r["center"]) for r in rows]
+            assert [(e["doc"], e["pos"], e["center"]) for e in got] == [(r["doc"], r["pos"], r["center"])
+                                                                         for r in rows]
             for e, r in zip(got, rows):
                 assert list(e["tokens"]) == [tok.decode([t]) for t in r["ctx"]]
                 assert list(e["scores"]) == r["scores"] and list(e["acts"]) == r["acts"]

@@ -63,7 +63,8 @@ class _Windows:
     def __init__(self, inf, keep, input_ids, attention_mask, context, dev):
         self.inf, self.keep, self.c, self.dev = inf, keep, context, dev
         self.B, self.T, _ = keep.shape
-        ids = torch.where(attention_mask.to(dev).bool(), input_ids.to(dev), torch.full_like(input_ids, -1, device=dev))
+        ids = torch.where(attention_mask.to(dev).bool(), input_ids.to(dev),
+                          torch.full_like(input_ids, -1, device=dev))
         self.ids = torch.nn.functional.pad(ids, (context, context), value=-1).to(torch.int32)
         self._table = None
 
@@ -183,7 +184,8 @@ class TopExamples:
         Candidates are ranked by ``key = sign * score`` (the bottom side ranks negated
         scores), grouped by latent and cut to their best ``n`` (one sort of the candidates
         only); each touched latent's row is then merged with its ``n`` kept entries by
-        sorting ``[rows, 2n]`` along the last dimension. ``dp_sorted``: the candidates come
+        sorting ``[rows, 2n]`` along the last dimension; windows are built last, only for the
+        candidates that entered the table. ``dp_sorted``: the candidates come
         in (doc, pos) order and their scores are float32 values, so one stable sort by a
         packed (latent, key) key orders them."""
         if j.numel() == 0:
@@ -205,7 +207,6 @@ class TopExamples:
         g, r = group[keep], rank[keep]
         sel = order[keep]  # the kept candidates, in table order
         k, a, dp, d, p = k[sel], a[sel], dp[sel], d[sel], p[sel]
-        ctx, ctx_act, ctx_score = windows(sel)
         # [U, 2n] rows: the kept entries, then the candidates; empty slots sort last
         R = len(U)
         sc = torch.cat([F["score"][U] * sign, torch.full((R, n), float("-inf"), dtype=torch.float64, device=dev)], 1)
@@ -228,7 +229,7 @@ class TopExamples:
         # empty slots point at a sentinel entry appended to every pool
         src = torch.where(torch.isfinite(sc), src, torch.full_like(src, R * n + k.numel()))
 
-        def pool(old, new, empty):
+        def pool(old, new, empty, src=src):
             sentinel = torch.full((1, *old.shape[2:]), empty, dtype=old.dtype, device=dev)
             return torch.cat([old[U].reshape(R * n, *old.shape[2:]), new.to(old.dtype), sentinel])[src]
 
@@ -236,9 +237,15 @@ class TopExamples:
         F["act"][U] = pool(F["act"], a, 0.0)
         F["doc"][U] = pool(F["doc"], d, -1)
         F["pos"][U] = pool(F["pos"], p, -1)
-        F["ctx"][U] = pool(F["ctx"], ctx, -1)
-        F["ctx_act"][U] = pool(F["ctx_act"], ctx_act, 0.0)
-        F["ctx_score"][U] = pool(F["ctx_score"], ctx_score, 0.0)
+        # windows only for the candidates that made it into the table
+        new = (src >= R * n) & (src < R * n + k.numel())
+        used = src[new] - R * n
+        ctx, ctx_act, ctx_score = windows(sel[used])
+        src_w = torch.where(src >= R * n, torch.full_like(src, R * n + used.numel()), src)
+        src_w[new] = R * n + torch.arange(used.numel(), device=dev)
+        F["ctx"][U] = pool(F["ctx"], ctx, -1, src_w)
+        F["ctx_act"][U] = pool(F["ctx_act"], ctx_act, 0.0, src_w)
+        F["ctx_score"][U] = pool(F["ctx_score"], ctx_score, 0.0, src_w)
 
     def merge(self, other: "TopExamples") -> "TopExamples":
         """Fold ``other``'s examples (both sides) into this table (in place); returns self."""

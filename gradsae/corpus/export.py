@@ -147,7 +147,8 @@ def neuronpedia_features(run: Run, values: str = "act", sides=("top", "bottom"),
         for side in sides:
             for ex in per_side[side][int(lat)]:
                 toks, a, s, _ = _clip_window(ex, max_tokens)
-                vals = [float(v) for v in (a if values == "act" else s)]
+                vals = [float(v) if v is not None and math.isfinite(v) else 0.0
+                        for v in (a if values == "act" else s)]
                 top = max(vals)
                 acts.append({"tokens": [str(t) for t in toks], "values": vals, "maxValue": top,
                              "maxValueTokenIndex": vals.index(top)})
@@ -332,15 +333,18 @@ function shade(s,m){if(!s||!m)return '';const a=Math.min(1,Math.abs(s)/m);
 function show(lat){
   sel=lat;tbody.querySelectorAll('tr').forEach(tr=>tr.classList.toggle('sel',Number(tr.dataset.latent)===lat));
   const E=D.examples[String(lat)]||{top:[],bottom:[]}, r=D.latents.find(x=>x[0]===lat);
-  let m=0;for(const side of ['top','bottom'])for(const e of E[side])for(const v of e[7])if(v!==null)m=Math.max(m,Math.abs(v));
+  let m=0;
+  for(const side of ['top','bottom'])for(const e of E[side])for(const v of e[7])if(v!==null)m=Math.max(m,Math.abs(v));
   const R=document.getElementById('right');R.replaceChildren();
   const h=document.createElement('h2');h.textContent='Latent '+lat;R.appendChild(h);
   const st=document.createElement('div');st.className='stats';
   st.textContent=C.slice(1).map((c,i)=>c.replace(/_/g,' ')+' '+fmt(r[i+1],c)).join(' \u00b7 ');R.appendChild(st);
   const lg=document.createElement('div');lg.className='stats';
   lg.innerHTML='influence at each token: <span>negative</span> <span class="legend"></span> <span>positive</span> '+
-    '(scale \u00b1'+fmt(m,'')+'; the example\u2019s own token is outlined in amber; hover a token for its values)';R.appendChild(lg);
-  for(const [side,title] of [['top','Top examples (highest influence)'],['bottom','Bottom examples (most negative influence)']]){
+    '(scale \u00b1'+fmt(m,'')+'; the example\u2019s own token is outlined in amber; hover a token for its values)';
+  R.appendChild(lg);
+  for(const [side,title] of [['top','Top examples (highest influence)'],
+                             ['bottom','Bottom examples (most negative influence)']]){
     const h3=document.createElement('h3');h3.textContent=title+' \u2014 '+E[side].length;R.appendChild(h3);
     const box=document.createElement('div');box.className=side;box.id=side+'-examples';
     if(!E[side].length){const n=document.createElement('div');n.className='none';
@@ -387,7 +391,8 @@ def html_page(run: Run, top: int | None = 200, by: str = "relu_sum", max_tokens:
 <body>
 <header><h1>{esc(title)}</h1><div class="sub">{sub}</div></header>
 <main>
-<section id="left"><div class="bar"><input id="filter" placeholder="latent number&hellip;" aria-label="filter latents">
+<section id="left"><div class="bar">
+<input id="filter" placeholder="latent number&hellip;" aria-label="filter latents">
 <span id="count"></span></div>
 <div id="wrap"><table id="latents"><thead><tr></tr></thead><tbody></tbody></table></div></section>
 <section id="right"></section>
