@@ -195,3 +195,30 @@ def test_cli_two_saes_under_torchrun_equal_one_process(tmp_path):
             torch.testing.assert_close(getattr(got, f), getattr(want.stats, f), rtol=1e-12, atol=1e-12)
         assert ex == want.examples
     assert not (out / "checkpoint").exists()
+
+
+def test_export_one_hook_of_a_multi_sae_run(tmp_path, one_thread, capsys):
+    """`gradsae export RUN --hook H` exports that hook's latents and examples (the same page as
+    a single-SAE run of that hook gives); without --hook, or with a hook the run did not
+    score, one line names the run's hooks."""
+    from gradsae.cli import main
+    from gradsae.corpus import export as E
+
+    seed = int(torch.randint(0, 2**30, ()).item())
+    model, saes = _setup(seed)
+    tok, data = tm.tokenizer(), _docs(seed)
+    gradsae.score_corpus(model, saes, data, mode="error", tokenizer=tok, out=tmp_path / "multi", **RUN)
+    gradsae.score_corpus(model, saes[B], data, hook=B, mode="error", tokenizer=tok, out=tmp_path / "one", **RUN)
+    with pytest.raises(InputError, match=f"2 hooks \\({A}, {B}\\).*--hook"):
+        E.load_run(tmp_path / "multi")
+    with pytest.raises(InputError, match="no hook 'blocks.5"):
+        E.load_run(tmp_path / "multi", hook="blocks.5.hook_resid_post")
+    assert main(["export", str(tmp_path / "multi"), "--hook", B, "--format", "html", "--top", "0"]) == 0
+    assert (tmp_path / f"multi-{B}.html").is_file()
+    got, want = E.load_run(tmp_path / "multi", hook=B), E.load_run(tmp_path / "one")
+    assert got.meta["hook"] == B and got.meta["sae"] == want.meta["sae"]
+    assert got.table.equals(want.table)
+    page = lambda r: {k: v for k, v in E.page_data(r, top=None).items() if k != "meta"}  # noqa: E731
+    assert page(got) == page(want)
+    assert main(["export", str(tmp_path / "multi"), "--format", "neuronpedia"]) == 2
+    assert "--hook" in capsys.readouterr().err

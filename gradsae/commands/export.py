@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=None,
                    help="where to write (default: RUN.html, or the directory RUN-neuronpedia, beside RUN)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--hook", default=None,
+                   help="a run that scored several hooks: the one to export (default output: RUN-<hook>.html ...)")
     p.add_argument("--top", type=int, default=200,
                    help="html: latents in the table, the top ones by --by (default 200; 0: every active latent)")
     p.add_argument("--by", default="relu_sum", help="html: the statistic that picks and sorts the table's latents "
@@ -44,7 +46,7 @@ def run(args) -> int:
         raise InputError(f"--top must be >= 0, got {args.top}")
     if args.by not in E.SORT_COLUMNS:
         raise InputError(f"--by must be one of {', '.join(E.SORT_COLUMNS)}, got {args.by!r}")
-    run_ = E.load_run(args.run)
+    run_ = E.load_run(args.run, hook=args.hook)
     if args.format == "html":
         out = E.write_html(run_, args.out, top=args.top or None, by=args.by, overwrite=args.overwrite)
         print(f"gradsae export: wrote {out}", file=sys.stderr)

@@ -59,6 +59,10 @@ class Run:
     path: Path
     meta: dict
     table: object
+    name: str = ""   # the default output's stem: the run's name, plus the hook's for several hooks
+
+    def __post_init__(self):
+        self.name = self.name or self.path.name
 
     def column(self, name: str) -> list:
         return self.table.column(name).to_pylist()
@@ -76,10 +80,11 @@ class Run:
         return out
 
 
-def load_run(run) -> Run:
+def load_run(run, hook: str | None = None) -> Run:
     """Open a finished run directory for export; one-line :class:`InputError` when it is not
     one (no such directory, no ``meta.json``, no ``latents.parquet``, or one written before
-    examples kept their windows)."""
+    examples kept their windows). A run that scored several hooks exports one hook at a time:
+    ``hook`` names it (its outputs under ``hooks/<hook>/``)."""
     path = Path(run)
     if not path.exists():
         raise InputError(f"no such run directory: {path}")
@@ -95,6 +100,19 @@ def load_run(run) -> Run:
         raise InputError(f"cannot read {meta_p}: {e}") from None
     if not isinstance(meta, dict):
         raise InputError(f"{meta_p} is not a gradsae run's meta.json")
+    name = path.name
+    hooks = meta.get("hooks")
+    if isinstance(hooks, dict):
+        if hook is None:
+            raise InputError(f"{path} scored {len(hooks)} hooks ({', '.join(hooks)}): pass --hook with one of them")
+        if hook not in hooks:
+            raise InputError(f"{path} scored no hook {hook!r}; its hooks: {', '.join(hooks)}")
+        info = hooks[hook]
+        table_p = path / info["dir"] / "latents.parquet"
+        meta = {**meta, "hook": hook, "sae": info.get("sae"), "active_latents": info.get("active_latents")}
+        name = f"{path.name}-{Path(info['dir']).name}"
+    elif hook is not None and hook != meta.get("hook"):
+        raise InputError(f"{path} scored one hook, {meta.get('hook')!r}, not {hook!r}")
     if not table_p.is_file():
         raise InputError(f"{path} has no latents.parquet")
     try:
@@ -114,7 +132,7 @@ def load_run(run) -> Run:
     if not {"tokens", "acts", "scores", "center"} <= {ex_type.field(i).name for i in range(ex_type.num_fields)}:
         raise InputError(f"{table_p}'s examples have no per-token windows: written by an older gradsae; score the "
                          "corpus again to export it")
-    return Run(path, meta, table)
+    return Run(path, meta, table, name)
 
 
 def _finite(x: float) -> float | None:
@@ -191,7 +209,7 @@ def write_neuronpedia(run, out=None, values: str = "act", sides=("top", "bottom"
     temporary directory that is renamed to ``out`` when all are written, so ``out`` never
     holds a part of the set."""
     run = run if isinstance(run, Run) else load_run(run)
-    out = Path(out) if out is not None else run.path.parent / (run.path.name + "-neuronpedia")
+    out = Path(out) if out is not None else run.path.parent / (run.name + "-neuronpedia")
     _check_target(out, overwrite, "dir")
     batches = neuronpedia_batches(run, values, sides, batch_size, max_tokens)
     tmp = make_temp_dir(out.parent, out.name)
@@ -408,7 +426,7 @@ def write_html(run, out=None, top: int | None = 200, by: str = "relu_sum", overw
     """Write the page to ``out`` (default: the run directory's name + ``.html``, beside it)
     atomically; returns its path."""
     run = run if isinstance(run, Run) else load_run(run)
-    out = Path(out) if out is not None else run.path.parent / (run.path.name + ".html")
+    out = Path(out) if out is not None else run.path.parent / (run.name + ".html")
     _check_target(out, overwrite, "file")
     text = html_page(run, top, by, max_tokens)
     atomic_write_text(out, text)
