@@ -68,13 +68,15 @@ class GradSAE:
         tokenizer: needed to score text; pads as configured (left or right).
         backend: influence backend for the encode, the sparse decode and the gather-dot
             (see :func:`gradsae.available_backends`).
+        out_dtype: dtype of the spliced hook output (default None: the hook tensor's own
+            dtype; see :class:`~gradsae.model.splice.Splice`).
 
     The SAE is spliced in only while a call (or an :meth:`intervene` block) runs. Model
     parameters never receive gradients, and backward stops at the hook.
     """
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", out_dtype=None):
         sae = as_sae(sae)
         model, tokenizer = adapt_model(model, tokenizer)  # a TransformerLens HookedTransformer
         if mode not in MODES:
@@ -94,7 +96,7 @@ class GradSAE:
             )
         self.mode = mode
         self.tokenizer = tokenizer
-        self.splice = Splice(self.point, self.sae, mode, backend)
+        self.splice = Splice(self.point, self.sae, mode, backend, out_dtype=out_dtype)
 
     def __repr__(self) -> str:
         return f"GradSAE(hook={self.point.name!r} -> {self.point.module_path}, mode={self.mode!r}, sae={self.sae})"
@@ -289,9 +291,11 @@ class GradSAE:
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, **kw)
 
-    def score_at_trigger(self, prompt, trigger="[", max_new_tokens: int = 50, **kw):
+    def score_at_trigger(self, prompt, trigger="[", max_new_tokens: int = 50, trigger_at: str = "first", **kw):
         """The paper's scores: at the first greedy step whose predicted token contains
-        ``trigger``; see :func:`gradsae.model.generation.score_at_trigger`."""
+        ``trigger`` (``trigger_at="last"``: the last such step, as the released code stores);
+        see :func:`gradsae.model.generation.score_at_trigger`."""
         from .generation import score_at_trigger
 
-        return score_at_trigger(self, prompt, trigger=trigger, max_new_tokens=max_new_tokens, **kw)
+        return score_at_trigger(self, prompt, trigger=trigger, max_new_tokens=max_new_tokens, trigger_at=trigger_at,
+                                **kw)
