@@ -233,16 +233,16 @@ def template_for(recipe="default") -> str:
     return PROMPT_GEMMA_RELEASED if get_recipe(recipe).prompt_style == "gemma-released" else PROMPT
 
 
-def choose_donors(kept, examples, recipe="default") -> list:
+def choose_donors(kept, examples, recipe="default", template: str = PROMPT) -> list:
     """The donor of each kept example (a :class:`Kept` or None: not steered), under
     ``recipe``'s ``donor`` rule.
 
     ``"next"``: kept example i+1 (cyclically; itself when only one is kept). ``"same-context"``
     (the released code): kept examples are keyed by prompt (one per distinct prompt, in order
-    of first appearance); going through ``examples`` in order, every example whose prompt is
-    kept draws with ``random.Random(donor_seed)`` one of the kept prompts that contain its
-    context and differ from its own prompt (no draw when there is none; a later draw for the
-    same prompt replaces an earlier one)."""
+    of first appearance); going through ``examples`` in order, every example whose prompt
+    (``template`` filled in) is kept draws with ``random.Random(donor_seed)`` one of the kept
+    prompts that contain its context and differ from its own prompt (no draw when there is
+    none; a later draw for the same prompt replaces an earlier one)."""
     rec = get_recipe(recipe)
     if rec.donor == "next":
         return [kept[(i + 1) % len(kept)] for i in range(len(kept))]
@@ -251,10 +251,9 @@ def choose_donors(kept, examples, recipe="default") -> list:
         by_prompt[k.prompt] = k
     rng = random.Random(rec.donor_seed)
     chosen: dict = {}
-    prompts = {k.example["id"]: k.prompt for k in kept}
     for ex in examples:
-        prompt = prompts.get(ex["id"])
-        if prompt is None:
+        prompt = template.format(context=ex["context"], question=ex["question"])
+        if prompt not in by_prompt:
             continue
         cands = [v for key, v in by_prompt.items() if ex["context"] in key and key != prompt]
         if cands:
@@ -315,7 +314,7 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
         res.n_kept = len(kept)
         if not kept:
             return res
-        donors = choose_donors(kept, examples, rec)
+        donors = choose_donors(kept, examples, rec, template)
 
         configs = [(st, me, k) for st in studies for me in methods for k in ks]
         acc: dict = {}
