@@ -337,7 +337,7 @@ def test_released_run_matches_the_released_semantics(shared_qa):
     marks = {tok.convert_tokens_to_ids("[["), tok.convert_tokens_to_ids("]]")}
     match = lambda t: t in marks  # noqa: E731  (two trigger tokens: first and last differ)
     sc = GradSAE(m, sae, hook="blocks.0.hook_resid_post", tokenizer=tok)
-    ks = (1, 0.5)
+    ks = (0.5, 80)  # 80 > the positive scores: the released Top-K pads with zero-score latents
     res = ex.run_experiments(sc, examples, ks=ks, methods=("gradsae",), max_new_tokens=8, trigger=match,
                              template=tm.QA_TEMPLATE, progress=False, recipe="released")
     assert res.recipe["name"] == "released"
