@@ -39,12 +39,11 @@ import re
 import string
 import warnings
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .errors import GradSAEWarning, InputError
 from .model.interventions import donor_values
-from .recipes import Recipe, clamp_values, get_recipe, select
+from .recipes import Recipe, clamp_values, get_recipe, select, splice_dtype
 
 PROMPT = (
     "Answer the following question based on the context.\nContext:\n{context}\n\nQuestion:\n"
@@ -261,18 +260,6 @@ def choose_donors(kept, examples, recipe="default", template: str = PROMPT) -> l
     return [chosen.get(k.prompt) for k in kept]
 
 
-@contextmanager
-def _splice_dtype(scorer, recipe: Recipe):
-    sp = scorer.splice
-    saved = sp.out_dtype
-    if recipe.splice_dtype == "sae":
-        sp.out_dtype = scorer.sae.dtype
-    try:
-        yield
-    finally:
-        sp.out_dtype = saved
-
-
 def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=STUDIES,
                     max_new_tokens: int = 50, trigger: str = "[", template: str | None = None,
                     steer_positions: str = "last", donor_how: str | None = None,
@@ -303,7 +290,7 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
     def ask(prompt):
         return generation_answer(scorer, scorer.generate(prompt, max_new_tokens=max_new_tokens), rec)
 
-    with _splice_dtype(scorer, rec):
+    with splice_dtype(scorer, rec):
         kept: list[Kept] = []
         for ex in tqdm(examples, desc="baseline answers", disable=not progress):
             prompt = template.format(context=ex["context"], question=ex["question"])

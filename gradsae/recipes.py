@@ -45,6 +45,7 @@ most 50 tokens and stop at the end-of-sequence ids (Gemma's ``<end_of_turn>`` in
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -140,4 +141,19 @@ def clamp_values(values: dict, clamp) -> dict:
     return {j: min(max(float(v), lo), hi) for j, v in values.items()}
 
 
-__all__ = ["DEFAULT", "RECIPES", "RELEASED", "Recipe", "clamp_values", "get_recipe", "select"]
+@contextmanager
+def splice_dtype(scorer, recipe):
+    """Within the block, the splice of ``scorer`` (a :class:`gradsae.GradSAE`) returns the
+    SAE's dtype when ``recipe``'s ``splice_dtype`` is ``"sae"``; restored after."""
+    rec = get_recipe(recipe)
+    sp = scorer.splice
+    saved = sp.out_dtype
+    if rec.splice_dtype == "sae":
+        sp.out_dtype = scorer.sae.dtype
+    try:
+        yield
+    finally:
+        sp.out_dtype = saved
+
+
+__all__ = ["DEFAULT", "RECIPES", "RELEASED", "Recipe", "clamp_values", "get_recipe", "select", "splice_dtype"]

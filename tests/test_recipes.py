@@ -95,7 +95,8 @@ def rel_generate(m, sae, ids, n, match=None, zero_all=(), zero_last=(), set_last
     try:
         for _ in range(n):
             full = torch.cat([ids, torch.tensor(gen, dtype=ids.dtype)])
-            p = m(full[None]).logits[0, -1].softmax(-1)
+            with torch.set_grad_enabled(match is not None):  # gradients only where a step is scored
+                p = m(full[None]).logits[0, -1].softmax(-1)
             nxt = int(p.argmax())
             if match is not None and match(nxt):
                 p[nxt].backward()
@@ -307,7 +308,6 @@ SHARED_QA = [
     ("the king of the north was red", "what was the king ?", "red"),
     ("the river in the south is blue", "what river is blue ?", "south"),
     ("the river in the south is blue", "what is the river ?", "blue"),
-    ("the city of fire was light", "which city was light ?", "fire"),
 ]
 
 
@@ -386,6 +386,32 @@ def test_released_run_matches_the_released_semantics(shared_qa):
     assert n_steered >= 2  # the two paragraphs with two kept questions
 
 
+def test_clamp_binds_in_steering(shared_qa):
+    """The clamp of the injected values, with a bound low enough to bind on this model (the
+    released [0, 50] is the same code path with another bound)."""
+    import dataclasses
+
+    m, tok, sae = shared_qa
+    examples = [{"id": f"q{i}", "context": c, "question": q, "answers": [a]} for i, (c, q, a) in enumerate(SHARED_QA[:2])]
+    prompt_of = lambda e: tm.QA_TEMPLATE.format(context=e["context"], question=e["question"])  # noqa: E731
+    ids_of = lambda e: tok(prompt_of(e), return_tensors="pt")["input_ids"][0]  # noqa: E731
+    is_mark = lambda t: "[" in tok.decode([t])  # noqa: E731
+    ref = {e["id"]: rel_generate(m, sae, ids_of(e), 8, match=is_mark)[1] for e in examples}
+    top = rel_top(ref["q1"], 5)
+    c = float(ref["q1"][top[2]])  # binds on the donor's two highest scores
+    rec = dataclasses.replace(RELEASED, clamp=(0.0, c))
+    sc = GradSAE(m, sae, hook="blocks.0.hook_resid_post", tokenizer=tok)
+    res = ex.run_experiments(sc, examples, ks=(5,), methods=("gradsae",), studies=("steering",), max_new_tokens=8,
+                             template=tm.QA_TEMPLATE, progress=False, recipe=rec)
+    r = next(r for r in res.records if r["id"] == "q0")
+    assert r["donor"] == "q1" and list(r["donor_latents"]) == top
+    vals = {j: min(max(float(ref["q1"][j]), 0.0), c) for j in top}
+    assert sum(float(ref["q1"][j]) > c for j in top) == 2
+    assert all(abs(r["donor_latents"][j] - v) <= 1e-9 * max(1e-30, abs(v)) for j, v in vals.items())
+    gen = rel_generate(m, sae, ids_of(examples[0]), 8, zero_last=rel_top(ref["q0"], 5), set_last=vals)[0]
+    assert r["answer"] == rel_answer(tok.decode(gen))
+
+
 def test_cli_recipe_released(shared_qa, tmp_path, capsys):
     import copy
     import json
@@ -393,18 +419,47 @@ def test_cli_recipe_released(shared_qa, tmp_path, capsys):
     from gradsae.cli import main
 
     m, tok, sae = shared_qa
-    copy.deepcopy(m).float().save_pretrained(tmp_path / "model")
+    m32, s32 = copy.deepcopy(m).float(), sae.to(dtype=torch.float32)
+    m32.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
-    s = sae.to(dtype=torch.float32)
-    s.meta.hook_name = "blocks.0.hook_resid_post"
-    s.save(tmp_path / "sae")
+    s32.meta.hook_name = "blocks.0.hook_resid_post"
+    s32.save(tmp_path / "sae")
     tm.squad_json(tmp_path / "squad.json", SHARED_QA[:2])
     (tmp_path / "t.txt").write_text(tm.QA_TEMPLATE)
     out = tmp_path / "r.json"
-    assert main(["experiment", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"), "--data",
-                 str(tmp_path / "squad.json"), "--ks", "1", "--max-new-tokens", "8", "--template-file",
-                 str(tmp_path / "t.txt"), "--methods", "gradsae", "--recipe", "released", "--no-progress",
-                 "--out", str(out)]) == 0
+    common = ["--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae")]
+    assert main(["experiment", *common, "--data", str(tmp_path / "squad.json"), "--ks", "1", "--max-new-tokens", "8",
+                 "--template-file", str(tmp_path / "t.txt"), "--methods", "gradsae", "--recipe", "released",
+                 "--no-progress", "--out", str(out)]) == 0
     capsys.readouterr()
     saved = json.loads(out.read_text())
     assert saved["recipe"]["name"] == "released" and saved["recipe"]["clamp"] == [0.0, 50.0]
+
+    # select / ablate / steer with the released selection: Top-K padded with zero-score latents
+    p0, p1 = (tm.QA_TEMPLATE.format(context=c, question=q) for c, q, _ in SHARED_QA[:2])
+    is_mark = lambda t: "[" in tok.decode([t])  # noqa: E731
+    ids = lambda p: tok(p, return_tensors="pt")["input_ids"][0]  # noqa: E731
+    s0 = rel_generate(m32, s32, ids(p0), 8, match=is_mark)[1]
+    s1 = rel_generate(m32, s32, ids(p1), 8, match=is_mark)[1]
+    K = 80  # more than the positive scores
+    scale = float(s1.abs().max())
+    close = lambda a, b: abs(a - b) <= 1e-5 * scale  # noqa: E731  (float32 model: relative to the largest score)
+    assert main(["select", *common, "--prompt", p0, "--k", str(K), "--trigger", "[", "--max-new-tokens", "8",
+                 "--recipe", "released", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [t["latent"] for t in got["top"]] == rel_top(s0, K)
+    assert [t["latent"] for t in got["bottom"]] == rel_bottom(s0, K)
+    assert main(["ablate", *common, "--prompt", p0, "--top", str(K), "--trigger", "[", "--max-new-tokens", "8",
+                 "--recipe", "released", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["latents"] == rel_top(s0, K)
+    assert got["ablated"] == tok.decode(rel_generate(m32, s32, ids(p0), 8, zero_all=got["latents"])[0],
+                                        skip_special_tokens=True)
+    assert main(["steer", *common, "--prompt", p0, "--donor", p1, "--k", str(K), "--trigger", "[",
+                 "--max-new-tokens", "8", "--recipe", "released", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["zero"] == rel_top(s0, K) and got["positions"] == "last"
+    vals = {j: min(max(float(s1[j]), 0.0), 50.0) for j in rel_top(s1, K)}
+    assert [int(j) for j in got["set"]] == list(vals)
+    bad = {j: (got["set"][str(j)], v) for j, v in vals.items() if not close(got["set"][str(j)], v)}
+    assert not bad, bad
