@@ -311,7 +311,7 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
                 sc = item.scores if method == "gradsae" else item.scores.activation_baseline()
                 if study == "perturbation":
                     for sel in ("top", "bottom"):
-                        lat = select(sc, k, sel, rec.selection)
+                        lat = select(sc, k, sel, rec.selection, scorer.device)
                         with scorer.intervene(zero=lat, positions="all"):
                             a = ask(item.prompt)
                         r = {"id": item.example["id"], "study": study, "method": method, "K": k,
@@ -321,8 +321,8 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
                         acc.setdefault((study, method, k, sel), []).append(r)
                 elif donor is not None:
                     dsc = donor.scores if method == "gradsae" else donor.scores.activation_baseline()
-                    own = select(sc, k, "top", rec.selection)
-                    give = select(dsc, k, "top", rec.selection)
+                    own = select(sc, k, "top", rec.selection, scorer.device)
+                    give = select(dsc, k, "top", rec.selection, scorer.device)
                     with warnings.catch_warnings():  # the skipped donor latents go into the record
                         warnings.simplefilter("ignore", GradSAEWarning)
                         vals = clamp_values(donor_values(dsc, give, how), rec.clamp)

@@ -109,7 +109,7 @@ def get_recipe(recipe) -> Recipe:
     raise InputError(f"unknown recipe {recipe!r}; expected one of {tuple(RECIPES)} or a Recipe")
 
 
-def select(scores, K, which: str = "top", selection: str = "active") -> list[int]:
+def select(scores, K, which: str = "top", selection: str = "active", device=None) -> list[int]:
     """The Top-K (``which="top"``) or Bottom-K latents of ``scores`` (a
     :class:`~gradsae.model.PromptScores`; K an int or a fraction of the latents active at the
     last position) under a recipe's ``selection`` rule.
@@ -117,8 +117,15 @@ def select(scores, K, which: str = "top", selection: str = "active") -> list[int
     ``"active"``: :meth:`PromptScores.top` / :meth:`PromptScores.bottom` with ``strict=False``
     (all candidates when fewer than K). ``"argsort"`` (the released code): Top-K is the first K
     of all ``d_sae`` latents sorted by descending score, so when fewer than K scores are
-    positive it is padded with zero-score latents (ties in ascending latent order); Bottom-K
-    is the first K of the non-zero scores sorted ascending (fewer when fewer)."""
+    positive it is padded with zero-score latents; Bottom-K is the first K of the non-zero
+    scores sorted ascending (fewer when fewer).
+
+    The padding is a choice among tied (zero) scores, and the released code leaves it to
+    ``torch.argsort(scores, descending=True)``, an unstable sort, on the device the scores
+    were computed on. The same call is made here, on ``device`` (default: where ``scores``
+    lie; the experiments pass the model's device): on a CPU the order of ties is the sort's
+    own, on a GPU with a large ``d_sae`` (radix sort) it is ascending latent order. Ties among
+    non-zero Bottom-K scores are ordered by latent index."""
     if which not in ("top", "bottom"):
         raise InputError(f"which must be 'top' or 'bottom', got {which!r}")
     if selection not in SELECTIONS:
@@ -128,7 +135,7 @@ def select(scores, K, which: str = "top", selection: str = "active") -> list[int
     n = scores.resolve_k(K)
     s = scores.scores
     if which == "top":
-        return torch.argsort(s, descending=True, stable=True)[:n].tolist()
+        return torch.argsort(s.to(device or s.device), descending=True)[:n].cpu().tolist()
     nz = torch.nonzero(s).flatten()
     return nz[torch.argsort(s[nz], stable=True)][:n].tolist()
 

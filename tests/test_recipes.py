@@ -56,9 +56,9 @@ def rel_answer(text):
 
 
 def rel_top(scores, n):
-    """The first n of all latents by descending score (ties: ascending index)."""
-    s = scores.tolist()
-    return sorted(range(len(s)), key=lambda j: (-s[j], j))[:n]
+    """The released code's Top-K: ``torch.argsort(scores, descending=True)[:n]`` (an unstable
+    sort: the order of tied zero scores is the sort's own)."""
+    return torch.argsort(scores, descending=True)[:n].tolist()
 
 
 def rel_bottom(scores, n):
@@ -164,11 +164,15 @@ def test_argsort_selection_pads_with_zero_score_latents(n_pos):
     pos = torch.randperm(d)[:n_pos]
     s[pos] = torch.rand(n_pos, dtype=torch.float64) + 1e-3
     ps = prompt_scores(s, torch.randperm(d)[:20].tolist())  # 20 active at the last position
+    by_score = sorted(range(d), key=lambda j: (-float(s[j]), j))  # positive scores have no ties
     for K in (1, 5, 10, 0.5, 30):
         n = ps.resolve_k(K)
-        assert select(ps, K, "top", "argsort") == rel_top(s, n)
+        top = select(ps, K, "top", "argsort")
+        assert top == rel_top(s, n)
+        assert len(top) == n == len(set(top))  # padded with zero-score latents
+        assert top[:min(n, n_pos)] == by_score[:min(n, n_pos)]
+        assert all(s[j] == 0 for j in top[n_pos:])
         assert select(ps, K, "bottom", "argsort") == rel_bottom(s, n)
-        assert len(select(ps, K, "top", "argsort")) == n  # padded with zero-score latents
         # the default rule: candidates only, never padded
         assert select(ps, K, "top", "active") == ps.top(K, False).tolist()
         assert select(ps, K, "bottom", "active") == ps.bottom(K, False).tolist()

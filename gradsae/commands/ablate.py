@@ -44,7 +44,7 @@ def run(args) -> int:
 
             args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
             res, _, _ = select(scorer, prompt, args)
-            latents = pick(res, kk, "top" if args.top else "bottom", rec.selection)
+            latents = pick(res, kk, "top" if args.top else "bottom", rec.selection, scorer.device)
         base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
         with scorer.intervene(zero=latents, positions=args.positions):
             out = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)

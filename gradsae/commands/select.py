@@ -103,7 +103,7 @@ def run(args) -> int:
         if args.baseline:
             res = res.activation_baseline()
         what, y_info = describe_y(scorer, ids, args, step)
-    top, bottom = pick(res, k, "top", rec.selection), pick(res, k, "bottom", rec.selection)
+    top, bottom = (pick(res, k, w, rec.selection, scorer.device) for w in ("top", "bottom"))
     ranked_by = ("mean activation (baseline)" if args.baseline
                  else f"GradSAE score ({args.reduce} of {args.sign} influence)")
     payload = {

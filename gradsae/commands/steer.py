@@ -64,8 +64,8 @@ def _run(scorer, args, rec, prompt, zero, setv, addv, k) -> int:
         args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
         own, _, _ = select(scorer, prompt, args)
         don, _, _ = select(scorer, args.donor, args)
-        zero += pick(own, k, "top", rec.selection)
-        give = pick(don, k, "top", rec.selection)
+        zero += pick(own, k, "top", rec.selection, scorer.device)
+        give = pick(don, k, "top", rec.selection, scorer.device)
         setv.update(clamp_values(donor_values(don, give, args.donor_values or rec.donor_values), rec.clamp))
     base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
     with scorer.intervene(zero=zero, set=setv, add=addv, positions=positions):
