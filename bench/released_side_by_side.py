@@ -31,6 +31,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -110,6 +111,11 @@ def main(argv=None) -> int:
     ap.add_argument("--flat", type=int, default=0,
                     help="latents active at every token with a zero decoder row (score 0): with enough of them "
                          "50%% of the active latents exceeds the positive scores and the released Top-K pads")
+    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                    help="the model's dtype after training (the SAE stays float32); float16: their hook returns "
+                         "float32, and gradsae's released recipe keeps the SAE's dtype after the splice")
+    ap.add_argument("--cast-back", action="store_true",
+                    help="gradsae's default splice dtype (cast back to the model's) instead of the released one")
     ap.add_argument("--json", default=None, help="write the numbers here")
     args = ap.parse_args(argv)
 
@@ -131,8 +137,13 @@ def main(argv=None) -> int:
     tm.tokenizer().save_pretrained(d)
     tok = AutoTokenizer.from_pretrained(d)  # TransformerLens reloads it by path
     ht = tiny_model(tok, args.steps, args.seed)
+    if args.dtype == "float16":
+        ht = ht.to(torch.float16)
+        ht.cfg.dtype = torch.float16  # the norms cast their inputs to it
     lib = tiny_sae(32, 64, args.seed, args.flat)
     sc = gradsae.GradSAE(ht, lib, hook=f"blocks.{LAYER}.hook_resid_post")
+    if RELEASED.splice_dtype == "sae" and not args.cast_back:
+        sc.splice.out_dtype = sc.sae.dtype
     tok = sc.tokenizer
 
     def theirs(mod, *a):
@@ -165,7 +176,7 @@ def main(argv=None) -> int:
         mine = text_of(g.token_ids).replace("<end_of_turn>", "")
         stats["text_diff"] += mine != text
         ans_theirs = text
-        m = __import__("re").search(r"\[\s*(.*?)\s*\]", ans_theirs)
+        m = re.search(r"\[\s*(.*?)\s*\]", ans_theirs)
         ans_theirs = (m.group(1) if m else ans_theirs).replace("[", "").replace("]", "").replace("=", "").strip()
         stats["answer_diff"] += ex.extract_answer_released(mine) != ans_theirs
         stats["kept_f1"] += ex.keeps(ex.extract_answer_released(mine), [a], "released")
