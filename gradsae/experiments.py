@@ -294,7 +294,8 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
         kept: list[Kept] = []
         for ex in tqdm(examples, desc="baseline answers", disable=not progress):
             prompt = template.format(context=ex["context"], question=ex["question"])
-            g = scorer.generate(prompt, max_new_tokens=max_new_tokens, trigger=trigger, trigger_at=rec.trigger_at)
+            g = scorer.generate(prompt, max_new_tokens=max_new_tokens, trigger=trigger,
+                                trigger_at=rec.trigger_at)
             ans = generation_answer(scorer, g, rec)
             if g.scores is not None and keeps(ans, ex["answers"], rec):
                 kept.append(Kept(ex, prompt, ans, g.scores))
@@ -316,7 +317,8 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
                             a = ask(item.prompt)
                         r = {"id": item.example["id"], "study": study, "method": method, "K": k,
                              "selection": sel, "latents": lat, "answer": a,
-                             "em": exact_match(a, item.example["answers"]), "f1": f1(a, item.example["answers"])}
+                             "em": exact_match(a, item.example["answers"]),
+                             "f1": f1(a, item.example["answers"])}
                         res.records.append(r)
                         acc.setdefault((study, method, k, sel), []).append(r)
                 elif donor is not None:
@@ -329,7 +331,8 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
                     skipped = [j for j in give if j not in vals]
                     with scorer.intervene(zero=own, set=vals, positions=steer_positions):
                         a = ask(item.prompt)
-                    r = {"id": item.example["id"], "donor": donor.example["id"], "study": study, "method": method,
+                    r = {"id": item.example["id"], "donor": donor.example["id"], "study": study,
+                         "method": method,
                          "K": k, "selection": "top", "latents": own, "donor_latents": vals,
                          "donor_skipped": skipped, "answer": a,
                          "em": exact_match(a, item.example["answers"]), "f1": f1(a, item.example["answers"]),

@@ -84,9 +84,11 @@ class Recipe:
                               ("answer", ANSWERS), ("donor", DONORS), ("donor_values", DONOR_VALUES),
                               ("splice_dtype", SPLICE_DTYPES), ("prompt_style", PROMPT_STYLES)):
             if getattr(self, name) not in allowed:
-                raise InputError(f"recipe {self.name!r}: {name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise InputError(f"recipe {self.name!r}: {name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
         if self.clamp is not None and not (len(self.clamp) == 2 and self.clamp[0] <= self.clamp[1]):
-            raise InputError(f"recipe {self.name!r}: clamp must be (low, high) with low <= high, got {self.clamp!r}")
+            raise InputError(f"recipe {self.name!r}: clamp must be (low, high) with low <= high, "
+                             f"got {self.clamp!r}")
 
     def describe(self) -> dict:
         """The knobs as a plain dict (for result files)."""
@@ -94,9 +96,9 @@ class Recipe:
 
 
 DEFAULT = Recipe("default")
-RELEASED = Recipe("released", trigger_at="last", selection="argsort", keep="f1", keep_f1=0.9, answer="released",
-                  donor="same-context", donor_seed=42, donor_values="score", clamp=(0.0, 50.0), splice_dtype="sae",
-                  prompt_style="gemma-released")
+RELEASED = Recipe("released", trigger_at="last", selection="argsort", keep="f1", keep_f1=0.9,
+                  answer="released", donor="same-context", donor_seed=42, donor_values="score",
+                  clamp=(0.0, 50.0), splice_dtype="sae", prompt_style="gemma-released")
 RECIPES = {"default": DEFAULT, "released": RELEASED}
 
 
