@@ -125,8 +125,8 @@ def select(scores, K, which: str = "top", selection: str = "active", device=None
     The padding is a choice among tied (zero) scores, and the released code leaves it to
     ``torch.argsort(scores, descending=True)``, an unstable sort, on the device the scores
     were computed on. The same call is made here, on ``device`` (default: where ``scores``
-    lie; the experiments pass the model's device): on a CPU the order of ties is the sort's
-    own, on a GPU with a large ``d_sae`` (radix sort) it is ascending latent order. Ties among
+    lie; the experiments pass the model's device), so the order of ties is that sort's on that
+    device, not a rule of its own (measured equal to the released code's on a CPU). Ties among
     non-zero Bottom-K scores are ordered by latent index."""
     if which not in ("top", "bottom"):
         raise InputError(f"which must be 'top' or 'bottom', got {which!r}")
