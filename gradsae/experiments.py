@@ -5,7 +5,7 @@ activation baseline.
     res = run_experiments(scorer, examples)          # scorer: a spliced GradSAE with tokenizer
     print(res.table())
 
-Protocol (Shu et al.; semantics of the released code):
+Protocol (Shu et al.; gradsae's default recipe, :data:`gradsae.recipes.DEFAULT`):
 
 1. Each question is asked with the paper's prompt, which requests ``Result = [[ label ]]``.
    Greedy generation runs on the spliced model; at the first step whose predicted token
@@ -22,11 +22,19 @@ Protocol (Shu et al.; semantics of the released code):
    against the example's own answers and against the donor's answers (steering success).
 4. Selections by GradSAE and by the activation baseline (mean activation over positions),
    for K in {1, 10, 20, 30, 50%}: 50% is half the latents active at the last position.
+
+``recipe="released"`` (:data:`gradsae.recipes.RELEASED`) runs the authors' released code's
+choices instead, knob by knob: the last ``[`` step is scored, Top-K is an argsort over all
+latents (padded with zero-score latents), examples are kept at F1 >= 0.9 with the released
+answer extraction, the donor is another question on the same paragraph (seed 42) whose Top-K
+get its scores clamped to [0, 50], the splice returns the SAE's dtype, and the prompt opens a
+Gemma user turn. See :mod:`gradsae.recipes`; explicit arguments override the recipe's knobs.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import string
 import warnings
@@ -34,7 +42,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .errors import GradSAEWarning, InputError
-from .model.interventions import perturbation, steering
+from .model.interventions import donor_values
+from .recipes import Recipe, clamp_values, get_recipe, select, splice_dtype
 
 PROMPT = (
     "Answer the following question based on the context.\nContext:\n{context}\n\nQuestion:\n"
@@ -52,7 +61,9 @@ def load_squad(path, limit: int | None = None, sample: int | None = None, seed: 
     """Questions of a SQuAD v1.1-format JSON file (``{"data": [{"paragraphs": [{"context",
     "qas": [{"id", "question", "answers": [{"text"}]}]}]}]}``):
     ``[{"id", "context", "question", "answers": [str]}]``, the first ``limit`` in file order, or
-    ``sample`` drawn at random with ``seed`` (the released code samples 1000 with seed 42)."""
+    ``sample`` drawn at random with ``seed``. (The released code runs on the whole SQuAD
+    v1.1 validation split in file order: its line sampling 1000 questions with seed 42 is
+    commented out.)"""
     rows = _read_squad(path, None if sample is not None else limit)
     if sample is not None:
         import random
@@ -122,6 +133,38 @@ def extract_answer(text: str) -> str:
     return ans.replace("[", "").replace("]", "").replace("=", "").strip()
 
 
+def extract_answer_released(text: str) -> str:
+    """The released code's answer extraction: the first ``[ .. ]`` span on one line (for
+    ``[[ label ]]`` that is ``[ label``), else the whole text; then ``[``, ``]`` and ``=``
+    removed and spaces stripped. Applied to the generation decoded with its special tokens
+    (``<end_of_turn>`` removed), so an answer without brackets keeps e.g. ``<eos>``."""
+    m = re.search(r"\[\s*(.*?)\s*\]", text)
+    ans = m.group(1) if m else text
+    return ans.replace("[", "").replace("]", "").replace("=", "").strip()
+
+
+def generation_answer(scorer, g, recipe="default") -> str:
+    """The answer of a :class:`~gradsae.model.Generation` under ``recipe``'s ``answer`` rule:
+    ``"clean"`` extracts from the text without special tokens (:func:`extract_answer`);
+    ``"released"`` decodes the tokens with their special tokens, removes ``<end_of_turn>`` and
+    extracts as the released code does (:func:`extract_answer_released`)."""
+    rec = get_recipe(recipe)
+    if rec.answer == "clean":
+        return extract_answer(g.text or "")
+    text = scorer.tokenizer.decode(g.token_ids.tolist(), skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    return extract_answer_released(text.replace("<end_of_turn>", ""))
+
+
+def keeps(answer: str, golds, recipe="default") -> bool:
+    """Whether an example answered ``answer`` is kept under ``recipe``: SQuAD exact match
+    (``keep="exact"``) or F1 >= ``keep_f1`` (``keep="f1"``, the released code's 0.9)."""
+    rec = get_recipe(recipe)
+    if rec.keep == "exact":
+        return bool(exact_match(answer, golds))
+    return f1(answer, golds) >= rec.keep_f1
+
+
 # ---------------------------------------------------------------------------------- running
 @dataclass
 class Kept:
@@ -137,12 +180,14 @@ class Kept:
 class ExperimentResult:
     """``rows``: one dict per (study, method, K, selection) with mean ``em`` / ``f1`` (and
     ``donor_em`` / ``donor_f1`` for steering) over the kept examples; ``records``: per example
-    and configuration, the latents used and the answer; ``n_total`` / ``n_kept``."""
+    and configuration, the latents used and the answer; ``n_total`` / ``n_kept``; ``recipe``:
+    the knobs the run used (:meth:`gradsae.recipes.Recipe.describe`)."""
 
     rows: list = field(default_factory=list)
     records: list = field(default_factory=list)
     n_total: int = 0
     n_kept: int = 0
+    recipe: dict = field(default_factory=dict)
 
     def table(self) -> str:
         """The results as a text table in the layout of the paper's Table 1."""
@@ -178,18 +223,58 @@ class ExperimentResult:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"n_total": self.n_total, "n_kept": self.n_kept, "rows": self.rows, "records": self.records}
+        return {"n_total": self.n_total, "n_kept": self.n_kept, "recipe": self.recipe, "rows": self.rows,
+                "records": self.records}
+
+
+def template_for(recipe="default") -> str:
+    """The prompt template of ``recipe``'s ``prompt_style``."""
+    return PROMPT_GEMMA_RELEASED if get_recipe(recipe).prompt_style == "gemma-released" else PROMPT
+
+
+def choose_donors(kept, examples, recipe="default", template: str = PROMPT) -> list:
+    """The donor of each kept example (a :class:`Kept` or None: not steered), under
+    ``recipe``'s ``donor`` rule.
+
+    ``"next"``: kept example i+1 (cyclically; itself when only one is kept). ``"same-context"``
+    (the released code): kept examples are keyed by prompt (one per distinct prompt, in order
+    of first appearance); going through ``examples`` in order, every example whose prompt
+    (``template`` filled in) is kept draws with ``random.Random(donor_seed)`` one of the kept
+    prompts that contain its context and differ from its own prompt (no draw when there is
+    none; a later draw for the same prompt replaces an earlier one)."""
+    rec = get_recipe(recipe)
+    if rec.donor == "next":
+        return [kept[(i + 1) % len(kept)] for i in range(len(kept))]
+    by_prompt: dict = {}
+    for k in kept:
+        by_prompt[k.prompt] = k
+    rng = random.Random(rec.donor_seed)
+    chosen: dict = {}
+    for ex in examples:
+        prompt = template.format(context=ex["context"], question=ex["question"])
+        if prompt not in by_prompt:
+            continue
+        cands = [v for key, v in by_prompt.items() if ex["context"] in key and key != prompt]
+        if cands:
+            chosen[prompt] = rng.choice(cands)
+    return [chosen.get(k.prompt) for k in kept]
 
 
 def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=STUDIES,
-                    max_new_tokens: int = 50, trigger: str = "[", template: str = PROMPT,
-                    steer_positions: str = "last", donor_how: str = "last",
-                    progress: bool = True) -> ExperimentResult:
+                    max_new_tokens: int = 50, trigger: str = "[", template: str | None = None,
+                    steer_positions: str = "last", donor_how: str | None = None,
+                    progress: bool = True, recipe="default") -> ExperimentResult:
     """Run the perturbation and steering studies (see the module docstring) on ``examples``
     (from :func:`load_squad`) with ``scorer`` (a :class:`gradsae.GradSAE` with a tokenizer).
-    The donor of kept example i is kept example i+1 (cyclically)."""
+
+    ``recipe``: ``"default"``, ``"released"`` (the authors' released code, knob by knob) or a
+    :class:`gradsae.recipes.Recipe`; it sets the trigger step, the Top-K rule, the keep rule
+    and answer extraction, the donor and its values, the splice's output dtype and, unless
+    ``template`` is given, the prompt. ``donor_how`` overrides the recipe's donor values.
+    With the default recipe the donor of kept example i is kept example i+1 (cyclically)."""
     from tqdm.auto import tqdm
 
+    rec = get_recipe(recipe)
     for m in methods:
         if m not in METHODS:
             raise InputError(f"unknown method {m!r}; expected {METHODS}")
@@ -198,59 +283,65 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
             raise InputError(f"unknown study {s!r}; expected {STUDIES}")
     if scorer.tokenizer is None:
         raise InputError("experiments need a tokenizer: GradSAE(..., tokenizer=tok)")
-    res = ExperimentResult(n_total=len(examples))
+    template = template_for(rec) if template is None else template
+    how = rec.donor_values if donor_how is None else donor_how
+    res = ExperimentResult(n_total=len(examples), recipe=rec.describe())
 
-    def ask(prompt, **kw):
-        return extract_answer(scorer.generate(prompt, max_new_tokens=max_new_tokens, **kw).text or "")
+    def ask(prompt):
+        return generation_answer(scorer, scorer.generate(prompt, max_new_tokens=max_new_tokens), rec)
 
-    kept: list[Kept] = []
-    for ex in tqdm(examples, desc="baseline answers", disable=not progress):
-        prompt = template.format(context=ex["context"], question=ex["question"])
-        g = scorer.generate(prompt, max_new_tokens=max_new_tokens, trigger=trigger)
-        ans = extract_answer(g.text or "")
-        if g.scores is not None and exact_match(ans, ex["answers"]):
-            kept.append(Kept(ex, prompt, ans, g.scores))
-    res.n_kept = len(kept)
-    if not kept:
-        return res
+    with splice_dtype(scorer, rec):
+        kept: list[Kept] = []
+        for ex in tqdm(examples, desc="baseline answers", disable=not progress):
+            prompt = template.format(context=ex["context"], question=ex["question"])
+            g = scorer.generate(prompt, max_new_tokens=max_new_tokens, trigger=trigger,
+                                trigger_at=rec.trigger_at)
+            ans = generation_answer(scorer, g, rec)
+            if g.scores is not None and keeps(ans, ex["answers"], rec):
+                kept.append(Kept(ex, prompt, ans, g.scores))
+        res.n_kept = len(kept)
+        if not kept:
+            return res
+        donors = choose_donors(kept, examples, rec, template)
 
-    configs = [(st, me, k) for st in studies for me in methods for k in ks]
-    acc: dict = {}
-    bar = tqdm(total=len(configs) * len(kept), desc="interventions", disable=not progress)
-    for i, item in enumerate(kept):
-        donor = kept[(i + 1) % len(kept)]
-        for study, method, k in configs:
-            sc = item.scores if method == "gradsae" else item.scores.activation_baseline()
-            if study == "perturbation":
-                for sel in ("top", "bottom"):
-                    edit = perturbation(sc, k, sel)
-                    lat = edit["zero"]
-                    with scorer.intervene(**edit):
+        configs = [(st, me, k) for st in studies for me in methods for k in ks]
+        acc: dict = {}
+        bar = tqdm(total=len(configs) * len(kept), desc="interventions", disable=not progress)
+        for item, donor in zip(kept, donors):
+            for study, method, k in configs:
+                sc = item.scores if method == "gradsae" else item.scores.activation_baseline()
+                if study == "perturbation":
+                    for sel in ("top", "bottom"):
+                        lat = select(sc, k, sel, rec.selection, scorer.device)
+                        with scorer.intervene(zero=lat, positions="all"):
+                            a = ask(item.prompt)
+                        r = {"id": item.example["id"], "study": study, "method": method, "K": k,
+                             "selection": sel, "latents": lat, "answer": a,
+                             "em": exact_match(a, item.example["answers"]),
+                             "f1": f1(a, item.example["answers"])}
+                        res.records.append(r)
+                        acc.setdefault((study, method, k, sel), []).append(r)
+                elif donor is not None:
+                    dsc = donor.scores if method == "gradsae" else donor.scores.activation_baseline()
+                    own = select(sc, k, "top", rec.selection, scorer.device)
+                    give = select(dsc, k, "top", rec.selection, scorer.device)
+                    with warnings.catch_warnings():  # the skipped donor latents go into the record
+                        warnings.simplefilter("ignore", GradSAEWarning)
+                        vals = clamp_values(donor_values(dsc, give, how), rec.clamp)
+                    skipped = [j for j in give if j not in vals]
+                    with scorer.intervene(zero=own, set=vals, positions=steer_positions):
                         a = ask(item.prompt)
-                    rec = {"id": item.example["id"], "study": study, "method": method, "K": k,
-                           "selection": sel, "latents": lat, "answer": a,
-                           "em": exact_match(a, item.example["answers"]), "f1": f1(a, item.example["answers"])}
-                    res.records.append(rec)
-                    acc.setdefault((study, method, k, sel), []).append(rec)
-            else:
-                dsc = donor.scores if method == "gradsae" else donor.scores.activation_baseline()
-                with warnings.catch_warnings():  # the skipped donor latents go into the record
-                    warnings.simplefilter("ignore", GradSAEWarning)
-                    edit = steering(sc, dsc, k, values=donor_how, positions=steer_positions)
-                own, vals = edit["zero"], edit["set"]
-                skipped = [j for j in dsc.top(k, False).tolist() if j not in vals]
-                with scorer.intervene(**edit):
-                    a = ask(item.prompt)
-                rec = {"id": item.example["id"], "donor": donor.example["id"], "study": study, "method": method,
-                       "K": k, "selection": "top", "latents": own, "donor_latents": vals,
-                       "donor_skipped": skipped, "answer": a,
-                       "em": exact_match(a, item.example["answers"]), "f1": f1(a, item.example["answers"]),
-                       "donor_em": exact_match(a, donor.example["answers"]),
-                       "donor_f1": f1(a, donor.example["answers"])}
-                res.records.append(rec)
-                acc.setdefault((study, method, k, "top"), []).append(rec)
-            bar.update(1)
-    bar.close()
+                    r = {"id": item.example["id"], "donor": donor.example["id"], "study": study,
+                         "method": method,
+                         "K": k, "selection": "top", "latents": own, "donor_latents": vals,
+                         "donor_skipped": skipped, "answer": a,
+                         "em": exact_match(a, item.example["answers"]), "f1": f1(a, item.example["answers"]),
+                         "donor_em": exact_match(a, donor.example["answers"]),
+                         "donor_f1": f1(a, donor.example["answers"])}
+                    res.records.append(r)
+                    acc.setdefault((study, method, k, "top"), []).append(r)
+                bar.update(1)
+        bar.close()
     for (study, method, k, sel), recs in acc.items():
         row = {"study": study, "method": method, "K": k, "selection": sel, "n": len(recs)}
         for key in ("em", "f1", "donor_em", "donor_f1"):
@@ -280,11 +371,16 @@ __all__ = [
     "PROMPT",
     "PROMPT_GEMMA_RELEASED",
     "ExperimentResult",
+    "choose_donors",
     "exact_match",
     "extract_answer",
+    "extract_answer_released",
     "f1",
+    "generation_answer",
+    "keeps",
     "load_squad",
     "normalize_answer",
     "parse_ks",
     "run_experiments",
+    "template_for",
 ]

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("backends", ("gradsae.backends", "gradsae.kernels", "gradsae._C")),
     ("loading", ("gradsae.loading",)),
     ("model", ("gradsae.model",)),
-    ("runs", ("gradsae.corpus", "gradsae.experiments", "gradsae.demo")),
+    ("runs", ("gradsae.corpus", "gradsae.experiments", "gradsae.recipes", "gradsae.demo")),
     ("commands", ("gradsae.commands", "gradsae.cli", "gradsae.__main__", "gradsae.benchmark", "gradsae")),
 ]
 

@@ -22,24 +22,32 @@ def add_arguments(p) -> None:
     s.add_argument("--trigger", default=None, help="select at the first generated token containing this text")
     s.add_argument("--positions", choices=("all", "last"), default="all",
                    help="zero the latents at every position (default) or at the last one only")
+    s.add_argument("--recipe", choices=("default", "released"), default="default",
+                   help="released: select as the authors' released code does (the last trigger step; Top-K an "
+                        "argsort over all latents, padded with zero-score latents; the SAE's dtype after the "
+                        "splice)")
 
 
 def run(args) -> int:
     prompt = read_prompt(args)
     latents = parse_latents(args.latents)
     kk = parse_k(args.top or args.bottom, "--top" if args.top else "--bottom") if (args.top or args.bottom) else None
+    from ..recipes import get_recipe, splice_dtype
+
+    rec = get_recipe(args.recipe)
     scorer = build_scorer(args)
     check_latents(latents, scorer.sae.d_sae, "--latents")
-    if kk is not None:
-        from ..model.interventions import perturbation
-        from .select import select
+    with splice_dtype(scorer, rec):
+        if kk is not None:
+            from ..recipes import select as pick
+            from .select import select
 
-        args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
-        res, _, _ = select(scorer, prompt, args)
-        latents = perturbation(res, kk, "top" if args.top else "bottom")["zero"]
-    base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
-    with scorer.intervene(zero=latents, positions=args.positions):
-        out = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
+            args.objective, args.reduce, args.sign = "predicted_prob", "mean", "relu"
+            res, _, _ = select(scorer, prompt, args)
+            latents = pick(res, kk, "top" if args.top else "bottom", rec.selection, scorer.device)
+        base = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
+        with scorer.intervene(zero=latents, positions=args.positions):
+            out = scorer.generate(prompt, max_new_tokens=args.max_new_tokens)
     emit(args, {"latents": latents, "spliced": base.text, "ablated": out.text},
          f"zeroed latents: {latents}\nspliced: {base.text}\nablated: {out.text}")
     return 0

@@ -32,6 +32,10 @@ def add_arguments(p) -> None:
     s.add_argument("--sign", choices=("relu", "signed", "abs"), default="relu",
                    help="relu: positive influence only (default, the paper's), signed, or abs")
     s.add_argument("--baseline", action="store_true", help="rank by mean activation instead (baseline)")
+    s.add_argument("--recipe", choices=("default", "released"), default="default",
+                   help="released: select as the authors' released code does (the last trigger step; Top-K an "
+                        "argsort over all latents, padded with zero-score latents; the SAE's dtype after the "
+                        "splice)")
 
 
 def select(scorer, prompt: str, args):
@@ -40,8 +44,11 @@ def select(scorer, prompt: str, args):
     import torch
 
     if args.trigger:
+        from ..recipes import get_recipe
+
         g = scorer.score_at_trigger(prompt, trigger=args.trigger, max_new_tokens=args.max_new_tokens,
-                                    reduce=args.reduce, sign=args.sign)
+                                    reduce=args.reduce, sign=args.sign,
+                                    trigger_at=get_recipe(getattr(args, "recipe", "default")).trigger_at)
         return g.scores, g.trigger_step, torch.cat([g.prompt_ids, g.token_ids[:g.trigger_step]])
     kw = objective_kwargs(args, scorer.tokenizer) if hasattr(args, "target") else {}
     res = scorer.score(prompt, objective=args.objective, reduce=args.reduce, sign=args.sign, **kw)
@@ -80,7 +87,10 @@ def describe_y(scorer, ids, args, step) -> tuple[str, dict]:
 
 def run(args) -> int:
     from ..errors import InputError
+    from ..recipes import get_recipe, splice_dtype
+    from ..recipes import select as pick
 
+    rec = get_recipe(args.recipe)
     k = parse_k(args.k)
     if args.trigger and (args.objective != "predicted_prob" or args.target or args.target_b or args.position != -1):
         raise InputError("--trigger scores predicted_prob at the trigger step; drop --objective, --target and "
@@ -88,11 +98,12 @@ def run(args) -> int:
     objective_kwargs(args, None)  # option combinations, before anything loads
     prompt = read_prompt(args)
     scorer = build_scorer(args)
-    res, step, ids = select(scorer, prompt, args)
-    if args.baseline:
-        res = res.activation_baseline()
-    what, y_info = describe_y(scorer, ids, args, step)
-    top, bottom = res.top(k, strict=False), res.bottom(k, strict=False)
+    with splice_dtype(scorer, rec):
+        res, step, ids = select(scorer, prompt, args)
+        if args.baseline:
+            res = res.activation_baseline()
+        what, y_info = describe_y(scorer, ids, args, step)
+    top, bottom = (pick(res, k, w, rec.selection, scorer.device) for w in ("top", "bottom"))
     ranked_by = ("mean activation (baseline)" if args.baseline
                  else f"GradSAE score ({args.reduce} of {args.sign} influence)")
     payload = {

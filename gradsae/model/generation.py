@@ -1,11 +1,16 @@
 """Greedy generation on the spliced model, and the paper's scoring step.
 
 The paper scores latents at the step where greedy generation is about to emit its answer
-marker: the first predicted token containing ``[`` (the prompt asks for ``Result = [[ label ]]``).
+marker: a predicted token containing ``[`` (the prompt asks for ``Result = [[ label ]]``).
 :func:`generate` runs greedy decoding with the KV cache (transformers' ``generate`` when the
-model has it, else a step-by-step loop); at the first generated token that matches the
-trigger, one forward and one backward on the full prefix at that step give the scores
-(``predicted_prob`` at the last position: the probability of exactly that token).
+model has it, else a step-by-step loop); at the generated token that matches the trigger, one
+forward and one backward on the full prefix at that step give the scores (``predicted_prob``
+at the last position: the probability of exactly that token).
+
+Which matching step is scored is ``trigger_at``: ``"first"`` (the default: the step that
+opens the answer marker) or ``"last"`` (what the authors' released code stores: it scores at
+every matching step and keeps the last, so an answer that emits ``[[`` twice is scored at the
+second).
 
 Interventions limited to the last position re-run the full prefix at every step (no cache),
 as the released code does, so that only the current last token is edited.
@@ -22,6 +27,7 @@ from .results import PromptScores
 
 
 STOP_REASONS = ("length", "stop_token", "trigger")
+TRIGGER_AT = ("first", "last")
 
 
 @dataclass
@@ -124,22 +130,28 @@ def _loop_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when, progre
 
 def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_trigger: bool = False,
              stop_ids=None, use_cache: bool | None = None, reduce: str = "mean", sign: str = "relu",
-             progress: bool = False) -> Generation:
+             progress: bool = False, trigger_at: str = "first") -> Generation:
     """Greedy decoding of ``prompt`` (text or 1-D ids) on the spliced model.
 
     Greedy decoding is deterministic, so the trigger step is found in the generated tokens
-    (the first whose text contains ``trigger``) and scored afterwards with one forward and
-    one backward on the prompt plus the tokens before it: exactly the prefix the model saw
-    when it predicted the trigger.
+    (the first, or with ``trigger_at="last"`` the last, whose text contains ``trigger``) and
+    scored afterwards with one forward and one backward on the prompt plus the tokens before
+    it: exactly the prefix the model saw when it predicted the trigger.
 
     Args:
-        trigger: a string (score at the first predicted token whose text contains it) or a
-            callable ``token_id -> bool``; None: no scoring.
+        trigger: a string (score at a predicted token whose text contains it) or a callable
+            ``token_id -> bool``; None: no scoring.
+        trigger_at: ``"first"`` (default) or ``"last"`` matching step (the released code's
+            stored selection; needs the whole generation, so not with ``stop_at_trigger``).
         stop_at_trigger: stop as soon as the trigger fired (the token is not kept).
         stop_ids: token ids that end generation (default: :func:`default_stop_ids`).
         use_cache: KV cache (default: on, off under a last-position intervention).
         progress: a progress bar over steps (step-by-step decoding only).
     """
+    if trigger_at not in TRIGGER_AT:
+        raise InputError(f"trigger_at must be one of {TRIGGER_AT}, got {trigger_at!r}")
+    if trigger_at == "last" and stop_at_trigger:
+        raise InputError("trigger_at='last' needs the whole generation; it cannot stop at the trigger")
     tok = scorer.tokenizer
     match = _matcher(trigger, tok)
     stop = set(default_stop_ids(scorer) if stop_ids is None else (int(s) for s in stop_ids))
@@ -157,7 +169,11 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
             gen = _loop_greedy(scorer, ids, max_new_tokens, stop, use_cache, stop_when, progress)
         reason = "stop_token" if gen.numel() and int(gen[-1]) in stop else "length"
         if match is not None:
-            step_hit = next((i for i, t in enumerate(gen.tolist()) if match(t)), None)
+            hits = (i for i, t in enumerate(gen.tolist()) if match(t))
+            if trigger_at == "first":
+                step_hit = next(hits, None)
+            else:
+                step_hit = max(hits, default=None)
             if step_hit is not None:
                 prefix = torch.cat([prompt_ids, gen[:step_hit]])
                 scores = scorer.score(prefix, objective="predicted_prob", position=-1, reduce=reduce, sign=sign)
@@ -169,11 +185,16 @@ def generate(scorer, prompt, max_new_tokens: int = 50, trigger=None, stop_at_tri
     return Generation(prompt_ids.cpu(), gen, text, scores, step_hit, reason)
 
 
-def score_at_trigger(scorer, prompt, trigger="[", max_new_tokens: int = 50, **kw) -> Generation:
+def score_at_trigger(scorer, prompt, trigger="[", max_new_tokens: int = 50, trigger_at: str = "first",
+                     **kw) -> Generation:
     """Generate greedily until the predicted token matches ``trigger`` and score there (the
-    paper's step). Raises :class:`InputError` when it never does, saying whether generation
-    stopped early at an end-of-sequence token or used all ``max_new_tokens``."""
-    g = generate(scorer, prompt, max_new_tokens=max_new_tokens, trigger=trigger, stop_at_trigger=True, **kw)
+    first matching step; with ``trigger_at="last"`` generation runs to its end and the last
+    matching step is scored, as the released code's stored selection is, and ``token_ids``
+    holds the whole generation). Raises :class:`InputError` when it never matches, saying
+    whether generation stopped early at an end-of-sequence token or used all
+    ``max_new_tokens``."""
+    g = generate(scorer, prompt, max_new_tokens=max_new_tokens, trigger=trigger,
+                 stop_at_trigger=trigger_at == "first", trigger_at=trigger_at, **kw)
     if g.scores is None:
         n = len(g.token_ids)
         if g.stop_reason == "stop_token":

@@ -125,6 +125,8 @@ class GradSAE:
             the SAE's ``meta.hook_name_out``, else the ``hook_mlp_out`` of ``hook``'s layer, or
             for a module path the module's own output); ``hook`` is then where it reads
             (:mod:`gradsae.model.transcoder`). Several SAEs: each transcoder's own metadata.
+        out_dtype: dtype of the spliced hook output (default None: the hook tensor's own
+            dtype; see :class:`~gradsae.model.splice.Splice`); SAEs, not transcoders.
 
     ``sae``, ``point``: the (first) SAE and its hook point; ``saes``, ``points``, ``splices``:
     ``{hook: ...}`` of every SAE; ``splice``: the :class:`Splice` (several SAEs: a
@@ -144,7 +146,7 @@ class GradSAE:
     """
 
     def __init__(self, model, sae, hook: str | None = None, mode: str = "splice", tokenizer=None,
-                 backend: str = "auto", hooks=None, hook_out: str | None = None):
+                 backend: str = "auto", hooks=None, hook_out: str | None = None, out_dtype=None):
         pairs, multi = _sae_list(sae, hook, hooks)
         if hook_out is not None and multi:
             raise InputError("hook_out= is for one transcoder; several take each one's meta.hook_name_out")
@@ -166,6 +168,8 @@ class GradSAE:
             if getattr(sv, "transcoder", False):  # reads hook h, stands for hook_out
                 from .transcoder import TranscoderSplice
 
+                if out_dtype is not None:
+                    raise InputError("out_dtype= is for SAEs; a transcoder's output keeps the MLP output's dtype")
                 self.splices[h] = TranscoderSplice.build(model, sv, h, hook_out, mode, backend)
                 self.saes[h], self.points[h] = sv, self.splices[h].point_in
                 continue
@@ -176,7 +180,7 @@ class GradSAE:
                     f"hook {h!r} on this model; is this the SAE for this model?"
                 )
             self.saes[h], self.points[h] = sv, point
-            self.splices[h] = Splice(point, sv, mode, backend)
+            self.splices[h] = Splice(point, sv, mode, backend, out_dtype=out_dtype)
         first = names[0]
         self.sae, self.point = self.saes[first], self.points[first]
         # what generation attaches: the one splice, or every SAE's at once
@@ -527,9 +531,11 @@ class GradSAE:
 
         return generate(self, prompt, max_new_tokens=max_new_tokens, **kw)
 
-    def score_at_trigger(self, prompt, trigger="[", max_new_tokens: int = 50, **kw):
+    def score_at_trigger(self, prompt, trigger="[", max_new_tokens: int = 50, trigger_at: str = "first", **kw):
         """The paper's scores: at the first greedy step whose predicted token contains
-        ``trigger``; see :func:`gradsae.model.generation.score_at_trigger`."""
+        ``trigger`` (``trigger_at="last"``: the last such step, as the released code stores);
+        see :func:`gradsae.model.generation.score_at_trigger`."""
         from .generation import score_at_trigger
 
-        return score_at_trigger(self, prompt, trigger=trigger, max_new_tokens=max_new_tokens, **kw)
+        return score_at_trigger(self, prompt, trigger=trigger, max_new_tokens=max_new_tokens, trigger_at=trigger_at,
+                                **kw)

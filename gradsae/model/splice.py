@@ -177,11 +177,20 @@ class Splice:
     Outside :meth:`recording` (or with grad disabled) the splice runs as a plain no-grad
     computation. Pad positions (``mask`` of :meth:`recording`) are zeroed before encoding:
     they never count, and some attention implementations leave non-finite values there.
+
+    ``out_dtype``: the dtype of what the splice returns; None (default) casts back to the hook
+    tensor's dtype. The authors' released hook returns the SAE's decode as is, so with a
+    float16 model and a float32 SAE the residual stream after the hook is float32: pass
+    ``out_dtype=sae.dtype`` to reproduce that (on models whose next layers accept it, such as
+    TransformerLens' HookedTransformer, whose norms cast their inputs to the model's dtype).
     """
 
-    def __init__(self, point, sae, mode: str = "splice", backend: str = "auto"):
+    def __init__(self, point, sae, mode: str = "splice", backend: str = "auto", out_dtype=None):
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+            raise InputError(f"out_dtype must be None or a floating torch dtype, got {out_dtype!r}")
+        self.out_dtype = out_dtype
         self.point = point
         self.sae = sae
         self.mode = mode
@@ -275,7 +284,7 @@ class Splice:
         if self._recorder is not None and torch.is_grad_enabled():
             return _SpliceFn.apply(self._recorder.anchor, h, self)
         if self.mode == "error" and not self._interventions:
-            return h
+            return h if self.out_dtype is None else h.to(self.out_dtype)
         with torch.no_grad():
             return self._compute(h, clone=False)[0]
 
@@ -312,7 +321,7 @@ class Splice:
                 out = out + delta_decode(sae, idx, new_acts - acts, hd)
         if extra is not None:
             out = out + extra
-        out = out.to(h.dtype)
+        out = out.to(self.out_dtype or h.dtype)
         if clone and out is hd:
             out = hd.clone()
         return out, idx, new_acts, hd
