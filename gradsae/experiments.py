@@ -283,6 +283,9 @@ def run_experiments(scorer, examples, ks=DEFAULT_KS, methods=METHODS, studies=ST
             raise InputError(f"unknown study {s!r}; expected {STUDIES}")
     if scorer.tokenizer is None:
         raise InputError("experiments need a tokenizer: GradSAE(..., tokenizer=tok)")
+    if getattr(scorer, "multi", False):
+        raise InputError(f"the studies score one SAE; this scorer has {len(scorer.hooks)} "
+                         f"({', '.join(scorer.hooks)}): build GradSAE(model, sae, hook=...) per hook")
     template = template_for(rec) if template is None else template
     how = rec.donor_values if donor_how is None else donor_how
     res = ExperimentResult(n_total=len(examples), recipe=rec.describe())

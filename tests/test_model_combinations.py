@@ -53,3 +53,11 @@ def test_methods_refuse_several_saes_and_transcoders(call):
     with pytest.raises(InputError, match="not offered for transcoders"):
         call(tc)
     assert tc.attribute(["the king"], objective="loss").error is None   # no error node for a transcoder
+
+
+def test_studies_refuse_a_scorer_with_several_saes():
+    from gradsae.experiments import run_experiments
+
+    _, _, multi = _multi()
+    with pytest.raises(InputError, match="studies score one SAE"):
+        run_experiments(multi, [{"context": "a", "question": "b", "answers": ["c"]}], progress=False)
