@@ -53,3 +53,35 @@ def test_select_names_the_token_of_y_and_labels_its_columns(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["objective_token"] == word and out["objective_token_id"] == nxt
     assert len(out["top"]) == 2
+
+
+def test_select_method_switch_gives_the_methods_scores(tmp_path, capsys):
+    """`gradsae select --method ig|exact` ranks by what GradSAE.score(method=...) computes on
+    the same saved model (methods themselves are checked against dense recipes in
+    test_methods.py)."""
+    import gradsae
+    from gradsae.model import GradSAE
+
+    m = tm.model("gpt2", d=32, layers=2, seed=7, scale=3.0)
+    tok = tm.tokenizer()
+    sae = random_sae(32, 64, "topk", k=4, seed=8)
+    sae.meta.hook_name = "blocks.1.hook_resid_post"
+    m.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    sae.save(tmp_path / "sae")
+    prompt = "the king of the north and the"
+    scorer = GradSAE(m, gradsae.load_sae(tmp_path / "sae"), tokenizer=tok)
+    base = ["select", "--model", str(tmp_path / "model"), "--sae", str(tmp_path / "sae"), "--prompt", prompt,
+            "--k", "3", "--json"]
+    for extra, kw in ((["--method", "ig", "--steps", "4"], dict(method="ig", steps=4)),
+                      (["--method", "exact", "--budget", "5"], dict(method="exact", latents=5, budget=5))):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 0
+        out = json.loads(capsys.readouterr().out)
+        want = scorer.score(prompt, **kw)
+        assert [r["latent"] for r in out["top"]] == want.top(3).tolist()
+        for r in out["top"]:
+            assert abs(r["score"] - float(want.scores[r["latent"]])) <= 1e-6 * (1 + abs(r["score"]))
+        assert {"ig": "integrated gradients", "exact": "exact ablation"}[kw["method"]] in out["ranked_by"]
+    assert main([*base, "--method", "ig", "--trigger", "["]) == 2
+    assert "--method ig scores the prompt itself" in capsys.readouterr().err

@@ -89,6 +89,8 @@ PROMPT = ["--model", "{A}/model", "--sae", "{A}/sae", "--prompt", "the king of t
 ROWS = [
     ("score", [*SCORE, "--out", "{O}", "--device", "cuda:99"], ["cuda:99"], None, None),
     ("score", [*SCORE, "--out", "{O}", "--device", "tpu"], ["unknown device 'tpu'"], None, None),
+    ("score", [*SCORE, "--out", "{O}", "--method", "exact"], ["--method", "invalid choice"], None, None),
+    ("score", [*SCORE, "--out", "{O}", "--method", "ig", "--steps", "0"], ["steps must be"], None, None),
     *([("score", [*SCORE, "--out", "{O}", "--device", "cuda"], ["not available", "--device cpu"], None, None)]
       if NO_CUDA else []),
     ("score", [*SCORE[2:], "--model", "{A}/nowhere/model", "--out", "{O}"], ["--model", "no such directory"],
@@ -149,6 +151,9 @@ ROWS = [
     ("select", [*PROMPT[:4], "--prompt-file", "{A}/missing.txt"], ["--prompt-file", "No such file"], None, None),
     ("select", PROMPT[:4], ["--prompt", "required"], None, None),
     ("select", [*PROMPT, "--device", "tpu"], ["unknown device"], None, None),
+    ("select", [*PROMPT, "--method", "ig", "--steps", "0"], ["--steps must be >= 1"], None, None),
+    ("select", [*PROMPT, "--method", "exact", "--trigger", "["], ["--method exact", "--trigger"], None, None),
+    ("select", [*PROMPT, "--method", "shap"], ["--method", "invalid choice"], None, None),
     ("select", [*PROMPT[2:], "--model", "{A}/nowhere"], ["no such directory"], None, None),
     ("select", [*PROMPT, "--trigger", "[", "--objective", "loss"], ["--trigger scores predicted_prob"], None, None),
     ("select", [*PROMPT, "--hook", "blocks.9.hook_resid_post"], ["unknown hook"], None, None),

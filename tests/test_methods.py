@@ -383,3 +383,15 @@ def test_error_node_under_an_intervention_is_the_sae_error_term():
         attr = sc.attribute(ids, objective="loss")
     e = x - tm.dense_decode(sae, z)
     close(attr.error, (e * Dd).sum(-1), 1e-10, atol=1e-12)
+
+
+def test_method_results_keep_influences_and_influence_the_same():
+    """``Attribution.influences`` (what corpus runs and reduce() of several hooks read) holds the
+    method's influence, not the first-order one of an inner pass."""
+    m = tm.model("gpt2", d=32, layers=2, seed=11, scale=3.0).double()
+    sae = random_sae(32, 64, "topk", k=4, dtype=torch.float64, seed=12)
+    scorer = GradSAE(m, sae, hook="blocks.1.hook_resid_post", mode="error", tokenizer=tm.tokenizer())
+    for kw in (dict(method="ig", steps=2), dict(baseline="the queen of the south was"), {}):
+        attr = scorer.attribute("the king of the north was", objective="loss", **kw)
+        assert list(attr.influences) == ["blocks.1.hook_resid_post"]
+        assert attr.influences["blocks.1.hook_resid_post"] is attr.influence

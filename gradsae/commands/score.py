@@ -49,6 +49,10 @@ def add_arguments(p) -> None:
                         "error: the reconstruction error is added back, so the model's output is unchanged")
     add_objective_arguments(g, default="loglik")
     g.add_argument("--backend", default="auto", help="influence backend (see `gradsae info`)")
+    g.add_argument("--method", choices=("grad", "ig"), default="grad",
+                   help="grad: the first-order score z * dY/dz (default, the paper); ig: integrated gradients "
+                        "from zero at the SAE's latents, --steps forward/backward passes per batch (one SAE)")
+    g.add_argument("--steps", type=int, default=16, help="--method ig: steps of the path (default 16)")
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="text file (one document per line), .jsonl, .parquet, "
                                                 "or a datasets directory (save_to_disk)")
@@ -88,7 +92,8 @@ def config_from_args(args, objective_kwargs: dict | None = None, device: str | N
     return RunConfig(
         hook=hooks_of(args), objective=args.objective, objective_kwargs=objective_kwargs or {}, mode=args.mode,
         max_length=args.max_length, long=args.long, batch_tokens=args.batch_tokens, top_n=args.top_n,
-        context=args.context, autocast="bf16" if args.bf16 else None, backend=args.backend, field=args.field,
+        context=args.context, autocast="bf16" if args.bf16 else None, backend=args.backend, method=args.method,
+        steps=args.steps, field=args.field,
         format=args.format, split=args.split, encoding_errors=args.encoding_errors, out=args.out, device=device,
         checkpoint_every=args.checkpoint_every, checkpoint_interval=args.checkpoint_interval, resume=args.resume,
         overwrite=args.overwrite, progress=not args.no_progress)

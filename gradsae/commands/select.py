@@ -32,6 +32,12 @@ def add_arguments(p) -> None:
     s.add_argument("--sign", choices=("relu", "signed", "abs"), default="relu",
                    help="relu: positive influence only (default, the paper's), signed, or abs")
     s.add_argument("--baseline", action="store_true", help="rank by mean activation instead (baseline)")
+    s.add_argument("--method", choices=("grad", "ig", "exact"), default="grad",
+                   help="grad: the first-order score (default, the paper); ig: integrated gradients from zero "
+                        "(--steps passes); exact: zero-ablate each of the --budget latents ranked highest by the "
+                        "first-order score (--reduce, --sign) and measure the change of Y (the others score 0)")
+    s.add_argument("--steps", type=int, default=16, help="--method ig: steps of the path (default 16)")
+    s.add_argument("--budget", type=int, default=64, help="--method exact: latents ablated (default 64)")
     s.add_argument("--recipe", choices=("default", "released"), default="default",
                    help="released: select as the authors' released code does (the last trigger step; Top-K an "
                         "argsort over all latents, padded with zero-score latents; the SAE's dtype after the "
@@ -51,7 +57,11 @@ def select(scorer, prompt: str, args):
                                     trigger_at=get_recipe(getattr(args, "recipe", "default")).trigger_at)
         return g.scores, g.trigger_step, torch.cat([g.prompt_ids, g.token_ids[:g.trigger_step]])
     kw = objective_kwargs(args, scorer.tokenizer) if hasattr(args, "target") else {}
-    res = scorer.score(prompt, objective=args.objective, reduce=args.reduce, sign=args.sign, **kw)
+    method = getattr(args, "method", "grad")
+    mkw = {"ig": {"method": "ig", "steps": getattr(args, "steps", 16)},
+           "exact": {"method": "exact", "latents": getattr(args, "budget", 64), "budget": getattr(args, "budget", 64)},
+           }.get(method, {})
+    res = scorer.score(prompt, objective=args.objective, reduce=args.reduce, sign=args.sign, **mkw, **kw)
     ids, mask = scorer.encode_batch(prompt)
     return res, None, ids[0][mask[0]].cpu()
 
@@ -95,6 +105,12 @@ def run(args) -> int:
     if args.trigger and (args.objective != "predicted_prob" or args.target or args.target_b or args.position != -1):
         raise InputError("--trigger scores predicted_prob at the trigger step; drop --objective, --target and "
                          "--position, or drop --trigger")
+    if args.method != "grad" and (args.trigger or args.baseline):
+        raise InputError(f"--method {args.method} scores the prompt itself; drop --trigger and --baseline, or use "
+                         "--method grad")
+    for name in ("steps", "budget"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     objective_kwargs(args, None)  # option combinations, before anything loads
     prompt = read_prompt(args)
     scorer = build_scorer(args)
@@ -104,8 +120,10 @@ def run(args) -> int:
             res = res.activation_baseline()
         what, y_info = describe_y(scorer, ids, args, step)
     top, bottom = (pick(res, k, w, rec.selection, scorer.device) for w in ("top", "bottom"))
+    what_score = {"grad": "GradSAE score", "ig": f"integrated gradients ({args.steps} steps)",
+                  "exact": f"exact ablation (the top {args.budget} latents by first-order score)"}[args.method]
     ranked_by = ("mean activation (baseline)" if args.baseline
-                 else f"GradSAE score ({args.reduce} of {args.sign} influence)")
+                 else f"{what_score} ({args.reduce} of {args.sign} influence)")
     payload = {
         "k": res.resolve_k(k), "active_last": res.active_last.tolist(), "trigger_step": step,
         "objective": res.objective, "objective_meaning": what, **{f"objective_{k_}": v for k_, v in y_info.items()},

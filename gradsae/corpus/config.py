@@ -29,6 +29,7 @@ AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "bfloat16": torch.
             "fp16": torch.float16, "float16": torch.float16}
 MODES = ("splice", "error")
 DEFAULT_OBJECTIVE = "loglik"
+METHODS = ("grad", "ig")  # a corpus run's attribution methods (exact ablation is per prompt)
 
 
 def _positive_int(name: str, v, minimum: int = 1, allow_none: bool = False) -> None:
@@ -56,6 +57,8 @@ class RunConfig:
     autocast: str | None = None
     backend: str = "auto"
     deterministic: bool = False
+    method: str = "grad"
+    steps: int = 16
     # how the data is read (when it is a path)
     field: str = "text"
     format: str | None = None
@@ -103,6 +106,11 @@ class RunConfig:
             raise InputError(f"encoding_errors must be one of {ENCODING_ERRORS}, got {self.encoding_errors!r}")
         if self.format is not None and self.format not in FORMATS:
             raise InputError(f"unknown data format {self.format!r}; expected one of {FORMATS}")
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {METHODS} for a corpus run, got {self.method!r}"
+                             + (" (exact ablation is per prompt: GradSAE.score or gradsae select)"
+                                if self.method == "exact" else ""))
+        _positive_int("steps", self.steps)
         _positive_int("batch_tokens", self.batch_tokens)
         _positive_int("top_n", self.top_n)
         _positive_int("context", self.context, minimum=0)

@@ -212,6 +212,8 @@ def score_corpus(
     progress: bool = True,
     backend: str = "auto",
     deterministic: bool = False,
+    method: str = "grad",
+    steps: int = 16,
     **objective_kwargs,
 ) -> CorpusResult:
     """Score every token of a corpus with GradSAE and aggregate per-latent statistics.
@@ -256,6 +258,9 @@ def score_corpus(
         progress: show a progress bar (tokens/s, ETA) and a summary line (rank 0).
         backend: influence backend.
         deterministic: bitwise reproducible accumulation on CUDA too (slower there).
+        method: ``"grad"`` (default, the first-order score) or ``"ig"`` (integrated gradients
+            from zero at the SAE's latents, ``steps`` forward/backward passes per batch; one
+            SAE, not a transcoder; see :mod:`gradsae.model.methods`).
 
     Returns:
         :class:`CorpusResult` (``stats``, ``examples``, ``meta``, ``out``).
@@ -269,7 +274,7 @@ def score_corpus(
     config = RunConfig(
         hook=hook, objective=objective, objective_kwargs=objective_kwargs, mode=mode, max_length=max_length,
         long=long, batch_tokens=batch_tokens, top_n=top_n, context=context, autocast=autocast, backend=backend,
-        deterministic=deterministic, field=field, format=format, split=split, encoding_errors=encoding_errors,
+        deterministic=deterministic, method=method, steps=steps, field=field, format=format, split=split, encoding_errors=encoding_errors,
         out=out, device=device, checkpoint_every=checkpoint_every, checkpoint_interval=checkpoint_interval,
         resume=resume, overwrite=overwrite, progress=progress)
     return run_corpus(model, sae, data, config, tokenizer=tokenizer)
@@ -347,6 +352,8 @@ class CorpusRun:
             (h, sv), = pairs
             self.scorer = GradSAE(self.model, sv, hook=preflight.sae_hook(sv, h), mode=cfg.mode, backend=cfg.backend)
             preflight.check_hook(self.scorer, sv)
+        if cfg.method != "grad":
+            self.scorer.require_one_sae(f"method={cfg.method!r}")
         self.sae = self.scorer.sae
         self.saes = dict(self.scorer.saes)
         self.dev = dev
@@ -362,7 +369,8 @@ class CorpusRun:
         self.all_stats = {h: LatentStats(sv.d_sae, device=dev) for h, sv in self.saes.items()}
         # where a kernel backend serves, each batch's backward feeds its statistics straight
         # into per-batch tables (fused into the gather-dot), merged when the batch commits
-        self.fused = {h: fused_backend(sv, dev, cfg.backend) is not None for h, sv in self.saes.items()}
+        self.fused = {h: cfg.method == "grad" and fused_backend(sv, dev, cfg.backend) is not None
+                      for h, sv in self.saes.items()}
         self.fused_stats = self.fused[self.scorer.hooks[0]]
         self.all_examples = {h: TopExamples(sv.d_sae, cfg.top_n, cfg.context, device=dev)
                              for h, sv in self.saes.items()}
@@ -442,6 +450,7 @@ class CorpusRun:
         dev = self.dev
         amp_ctx = (lambda: torch.autocast(dev.type, dtype=amp)) if amp is not None else contextlib.nullcontext
         obj_kw = cfg.objective_kwargs
+        method_kw = {} if cfg.method == "grad" else {"method": cfg.method, "steps": cfg.steps}
 
         from tqdm.auto import tqdm
 
@@ -471,7 +480,7 @@ class CorpusRun:
                             att = self.scorer.attribute(batch.input_ids.to(dev), batch.attention_mask.to(dev),
                                                         objective=cfg.objective, stats=sink,
                                                         deterministic=cfg.deterministic, error_node=False,
-                                                        **obj_kw)
+                                                        **method_kw, **obj_kw)
                     nxt = next(it, None)  # read on before committing: its cursor is the next ``at``
                     with guard.critical():
                         consistent = False

@@ -241,7 +241,7 @@ def attribute_grad(scorer, input_ids, attention_mask=None, objective="loss", pos
             e = e - _error_term(sae, pidx, pacts, px)
     if want_error:
         err = torch.where(mask, (e * D).sum(-1), torch.zeros((), dtype=e.dtype, device=e.device))
-    return dataclasses.replace(attr, influence=inf, error=err,
+    return dataclasses.replace(attr, influence=inf, influences={scorer.hooks[0]: inf}, error=err,
                                method="grad" if corrupt is None else "grad-baseline")
 
 
@@ -295,7 +295,8 @@ def attribute_ig(scorer, input_ids, attention_mask=None, objective="loss", posit
         inf = _union(inf, grads, pidx, pacts, total_p / steps, mask)
     with _nograd_splice(scorer, mask, _Edit()):
         y = _y_nograd(scorer, ids, mask, objective, position, objective_kwargs(kw))
-    return dataclasses.replace(first, influence=inf, objective=y, logits=None, error=None,
+    return dataclasses.replace(first, influence=inf, influences={scorer.hooks[0]: inf}, objective=y, logits=None,
+                               error=None,
                                method=f"ig{steps}" + ("" if corrupt is None else "-baseline"))
 
 

@@ -287,7 +287,7 @@ class GradSAE:
         ``error_node=False``. See :mod:`gradsae.model.methods`.
         """
         if method != "grad" or baseline is not None:
-            self._one_sae(f"method={method!r}" if method != "grad" else "baseline=")
+            self.require_one_sae(f"method={method!r}" if method != "grad" else "baseline=")
         if len(self.splices) == 1 and (method != "grad" or baseline is not None or
                                        (error_node and self.mode == "error" and not self.sae.transcoder)):
             from .methods import attribute_grad, attribute_ig, check_method
@@ -429,7 +429,7 @@ class GradSAE:
         if method == "exact":
             from .methods import score_exact
 
-            self._one_sae("method='exact'")
+            self.require_one_sae("method='exact'")
             if baseline is not None:
                 raise InputError("method='exact' zero-ablates latents; baseline= works with method='grad' or 'ig'")
             res = score_exact(self, batch_or_text, attention_mask, objective, position, latents=latents,
@@ -442,8 +442,9 @@ class GradSAE:
             return {h: (r[0] if single else r) for h, r in res.items()}
         return res[0] if single else res
 
-    def _one_sae(self, what: str) -> None:
-        """The methods other than the first-order score serve a scorer with one SAE."""
+    def require_one_sae(self, what: str) -> None:
+        """One-line :class:`InputError` unless this scorer has one SAE (not a transcoder): what the
+        methods other than the first-order score serve; ``what`` names the caller's setting."""
         if len(self.splices) > 1:
             raise InputError(f"{what} takes a scorer with one SAE; this one has {len(self.splices)} "
                              f"({', '.join(self.splices)}): build GradSAE(model, sae, hook=...) per hook")
@@ -458,7 +459,7 @@ class GradSAE:
         Top-K overlap, per-latent table). See :func:`gradsae.model.validate.validate`."""
         from .validate import validate
 
-        self._one_sae("validate()")
+        self.require_one_sae("validate()")
         return validate(self, prompts, K=K, steps=steps, budget=budget, objective=objective, position=position,
                         batch_size=batch_size, **objective_kwargs)
 
