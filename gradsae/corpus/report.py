@@ -167,37 +167,51 @@ def write_report_png(stats: LatentStats, path, title: str = "", top: int = 20, p
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
+def write_tables(d, stats: LatentStats, examples: TopExamples, meta: dict, hook: str, tokenizer=None,
+                 plot: bool = True, written: list | None = None) -> list[str]:
+    """Write one hook's tables into the directory ``d``: ``stats.safetensors``,
+    ``examples.safetensors``, ``latents.parquet`` and (``plot``) ``report.png``, each atomically;
+    returns the paths written, appended to ``written`` as they come (so a caller can remove
+    them if a later write fails)."""
+    from safetensors.torch import save_file
+
+    d = Path(d)
+    written = [] if written is None else written
+
+    def put(name, write):
+        written.append(d / name)
+        write(d / name)
+
+    put("stats.safetensors", stats.save)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()}
+    put("examples.safetensors", lambda p: atomic_write(p, lambda tmp: save_file(tensors, tmp)))
+    put("latents.parquet", lambda p: write_parquet(latents_arrow(stats, examples, tokenizer), p))
+    if plot:
+        sign = meta.get("sign", {})
+        title = (f"{meta.get('model', {}).get('name', '')} {hook} "
+                 f"objective={meta.get('objective', '')}" + (f" (Y = {sign['y']})" if sign.get("y") else ""))
+        put("report.png", lambda p: write_report_png(stats, p, title=title, positive=sign.get("positive", "")))
+    return written
+
+
 def write_outputs(out, stats: LatentStats, examples: TopExamples, meta: dict, tokenizer=None,
                   plot: bool = True) -> list[str]:
     """Write the whole output directory, ``meta.json`` last (``report.png`` only with
     ``plot``); returns the names written. If a write fails, the files this call wrote are
     removed again (a part of the set is no result) and the error propagates."""
-    from safetensors.torch import save_file
-
     out = Path(out)
-    written: list[str] = []
-
-    def put(name, write):
-        written.append(name)
-        write(out / name)
-
+    written: list[Path] = []
     try:
-        put("stats.safetensors", stats.save)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in examples.to_dict().items()}
-        put("examples.safetensors", lambda p: atomic_write(p, lambda tmp: save_file(tensors, tmp)))
-        put("latents.parquet", lambda p: write_parquet(latents_arrow(stats, examples, tokenizer), p))
-        if plot:
-            sign = meta.get("sign", {})
-            title = (f"{meta.get('model', {}).get('name', '')} {meta.get('hook', '')} "
-                     f"objective={meta.get('objective', '')}" + (f" (Y = {sign['y']})" if sign.get("y") else ""))
-            put("report.png", lambda p: write_report_png(stats, p, title=title, positive=sign.get("positive", "")))
-        text = json.dumps({"files": [*written, "meta.json"], **meta}, indent=2, sort_keys=True) + "\n"
-        put("meta.json", lambda p: atomic_write_text(p, text))
+        write_tables(out, stats, examples, meta, meta.get("hook", ""), tokenizer, plot, written)
+        names = [p.name for p in written]
+        text = json.dumps({"files": [*names, "meta.json"], **meta}, indent=2, sort_keys=True) + "\n"
+        written.append(out / "meta.json")
+        atomic_write_text(out / "meta.json", text)
     except BaseException:
-        for name in written:
-            (out / name).unlink(missing_ok=True)
+        for p in written:
+            p.unlink(missing_ok=True)
         raise
-    return written
+    return [*names, "meta.json"]
 
 
 def read_meta(out) -> dict | None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..errors import GradSAEError, InputError
-from ..fsutil import atomic_write, atomic_write_text
+from ..fsutil import atomic_write_text
 from ..model import objectives as _obj
 from ..op import fused_backend
 from ..stats import LatentStats
@@ -46,7 +46,7 @@ from .batching import Cursor, make_batches
 from .config import AUTOCAST, DEFAULT_OBJECTIVE, RunConfig
 from .data import Corpus, open_corpus
 from .examples import TopExamples
-from .report import OUTPUT_FILES, latents_arrow, plot_unavailable, write_outputs, write_parquet, write_report_png
+from .report import OUTPUT_FILES, plot_unavailable, write_outputs, write_tables
 from .resume import Checkpointer, Fingerprint, RunInterrupted, RunIOError, RunState
 
 RESUME_HINT = "resume=True (CLI: --resume)"
@@ -627,48 +627,33 @@ class CorpusRun:
                      local_end: RunState | None) -> None:
         """Write every hook's outputs under ``<out>/hooks/`` and then ``meta.json`` (last: its
         presence marks a finished run); on failure, as :meth:`_write`."""
-        from safetensors.torch import save_file
 
-        guard = _SigintGuard()
-        with guard:
+        def write():
             try:
-                try:
-                    for h in self.scorer.hooks:
-                        d = out / resume.HOOKS_DIR / resume.hook_dir(h)
-                        d.mkdir(parents=True, exist_ok=True)
-                        st_, ex = all_stats[h], all_examples[h]
-                        st_.save(d / "stats.safetensors")
-                        tensors = {k: v.detach().cpu().contiguous() for k, v in ex.to_dict().items()}
-                        atomic_write(d / "examples.safetensors", lambda tmp, t=tensors: save_file(t, tmp))
-                        write_parquet(latents_arrow(st_, ex, self.tok), d / "latents.parquet")
-                        if not self.plot_skipped:
-                            sign = meta.get("sign", {})
-                            title = (f"{meta.get('model', {}).get('name', '')} {h} objective={meta.get('objective', '')}"
-                                     + (f" (Y = {sign['y']})" if sign.get("y") else ""))
-                            write_report_png(st_, d / "report.png", title=title, positive=sign.get("positive", ""))
-                    text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-                    atomic_write_text(out / "meta.json", text)
-                except BaseException:
-                    resume.remove_outputs(out)
-                    raise
-            except (OSError, KeyboardInterrupt) as e:
-                if local_end is not None:
-                    with contextlib.suppress(OSError), guard.hold():
-                        self._save(local_end)
-                if isinstance(e, KeyboardInterrupt):
-                    if self.ck.path is not None and self.ck.path.is_file():
-                        raise RunInterrupted(f"interrupted while writing the outputs; {self.ck.describe_kept()}: "
-                                             f"continue with {RESUME_HINT}", self.ck.path) from None
-                    raise
-                raise RunIOError(self._io_message(e, "writing the outputs")) from e
+                for h in self.scorer.hooks:
+                    d = out / resume.HOOKS_DIR / resume.hook_dir(h)
+                    d.mkdir(parents=True, exist_ok=True)
+                    write_tables(d, all_stats[h], all_examples[h], meta, h, self.tok, plot=not self.plot_skipped)
+                atomic_write_text(out / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            except BaseException:
+                resume.remove_outputs(out)
+                raise
+
+        self._guarded_write(write, local_end)
 
     def _write(self, out: Path, stats, examples, meta: dict, local_end: RunState | None) -> None:
         """Write the outputs; if that fails, keep the work: a checkpoint at the end of the
         corpus (single process) from which a resumed run only writes the outputs."""
+        self._guarded_write(lambda: write_outputs(out, stats, examples, meta, self.tok, plot=not self.plot_skipped),
+                            local_end)
+
+    def _guarded_write(self, write, local_end: RunState | None) -> None:
+        """Run ``write`` with Ctrl-C held off its critical parts; on an I/O error or Ctrl-C save
+        ``local_end`` (when given) so that ``--resume`` only writes the outputs, and say so."""
         guard = _SigintGuard()
         with guard:
             try:
-                write_outputs(out, stats, examples, meta, self.tok, plot=not self.plot_skipped)
+                write()
             except (OSError, KeyboardInterrupt) as e:
                 if local_end is not None:
                     with contextlib.suppress(OSError), guard.hold():
@@ -679,6 +664,5 @@ class CorpusRun:
                                              f"continue with {RESUME_HINT}", self.ck.path) from None
                     raise
                 raise RunIOError(self._io_message(e, "writing the outputs")) from e
-
 
 __all__ = ["score_corpus", "run_corpus", "CorpusRun", "CorpusResult", "HookResult", "RunConfig"]

@@ -297,34 +297,46 @@ class Splice:
         last = last.to(self.sae.device).clamp(max=T - 1)
         return torch.arange(T, device=self.sae.device).unsqueeze(0) == last.unsqueeze(1)
 
+    def _encode_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the SAE encodes for the hook output ``h``: ``h`` itself, detached (a transcoder
+        encodes the input it captured at another point)."""
+        return h.detach()
+
     def _compute(self, h: torch.Tensor, clone: bool):
+        """``(out, idx, acts, x)``: the hook's new output for ``h`` (the SAE's reconstruction in
+        splice mode, ``h`` plus the interventions' changes in error mode), the active set of
+        ``x = self._encode_input(h)`` after the interventions, and ``x``."""
         sae = self.sae
-        hd = h.detach()
+        x = self._encode_input(h)
         mask = self._mask
-        if mask is not None and tuple(mask.shape) == tuple(hd.shape[:2]) and not bool(mask.all()):
-            keep = mask.to(hd.device)
-            hd = torch.where(keep.unsqueeze(-1), hd, torch.zeros((), dtype=hd.dtype, device=hd.device))
-            idx, acts = _encode_rows(hd, keep, sae, self.backend)  # pads: no latents
+        if mask is not None and tuple(mask.shape) == tuple(x.shape[:2]) and not bool(mask.all()):
+            keep = mask.to(x.device)
+            x = torch.where(keep.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+            idx, acts = _encode_rows(x, keep, sae, self.backend)  # pads: no latents
         else:
-            idx, acts = encode_sparse(hd, sae, backend=self.backend)
+            idx, acts = encode_sparse(x, sae, backend=self.backend)
         new_acts = acts
-        extra = torch.zeros_like(hd, dtype=sae.dtype) if self._interventions else None
+        extra = torch.zeros(x.shape, dtype=sae.dtype, device=x.device) if self._interventions else None
         for iv in self._interventions:
-            pos = None if iv.positions == "all" else self._positions(hd.shape)
-            new_acts, d = iv.apply(sae, idx, new_acts, hd, pos)
+            pos = None if iv.positions == "all" else self._positions(x.shape)
+            new_acts, d = iv.apply(sae, idx, new_acts, x, pos)
             extra = extra + d
         if self.mode == "splice":
-            out = decode_sparse(sae, idx, new_acts, x=hd, backend=self.backend, strict=False)
+            out = decode_sparse(sae, idx, new_acts, x=x, backend=self.backend, strict=False)
+            skip = sae.skip(x)  # a transcoder's skip connection
+            if skip is not None:
+                out = out + skip
         else:
+            hd = h.detach()
             out = hd.to(sae.dtype) if (clone or extra is not None) else hd
             if new_acts is not acts:
-                out = out + delta_decode(sae, idx, new_acts - acts, hd)
+                out = out + delta_decode(sae, idx, new_acts - acts, x)
         if extra is not None:
             out = out + extra
         out = out.to(self.out_dtype or h.dtype)
-        if clone and out is hd:
-            out = hd.clone()
-        return out, idx, new_acts, hd
+        if clone and out.data_ptr() == h.data_ptr():  # never hand autograd its input back
+            out = out.clone()
+        return out, idx, new_acts, x
 
 
 class SpliceGroup:

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..op import decode_sparse, encode_sparse
 from .hooks import HookPoint, resolve_transcoder
-from .splice import Splice, _encode_rows, _SpliceFn, delta_decode
+from .splice import Splice, _SpliceFn
 
 
 class TranscoderSplice(Splice):
@@ -112,37 +111,9 @@ class TranscoderSplice(Splice):
         finally:
             self._pending = None
 
-    def _compute(self, h: torch.Tensor, clone: bool):
-        sae = self.sae
-        xd = self._pending.detach().to(h.device)
-        mask = self._mask
-        if mask is not None and tuple(mask.shape) == tuple(xd.shape[:2]) and not bool(mask.all()):
-            keep = mask.to(xd.device)
-            xd = torch.where(keep.unsqueeze(-1), xd, torch.zeros((), dtype=xd.dtype, device=xd.device))
-            idx, acts = _encode_rows(xd, keep, sae, self.backend)  # pads: no latents
-        else:
-            idx, acts = encode_sparse(xd, sae, backend=self.backend)
-        new_acts = acts
-        extra = torch.zeros(xd.shape, dtype=sae.dtype, device=xd.device) if self._interventions else None
-        for iv in self._interventions:
-            pos = None if iv.positions == "all" else self._positions(xd.shape)
-            new_acts, d = iv.apply(sae, idx, new_acts, xd, pos)
-            extra = extra + d
-        if self.mode == "splice":
-            out = decode_sparse(sae, idx, new_acts, x=xd, backend=self.backend, strict=False)
-            skip = sae.skip(xd)
-            if skip is not None:
-                out = out + skip
-        else:
-            out = h.detach().to(sae.dtype)
-            if new_acts is not acts:
-                out = out + delta_decode(sae, idx, new_acts - acts, xd)
-        if extra is not None:
-            out = out + extra
-        out = out.to(h.dtype)
-        if clone and out.data_ptr() == h.data_ptr():  # never hand autograd its input back
-            out = out.clone()
-        return out, idx, new_acts, xd
+    def _encode_input(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP input captured at :attr:`point_in` in this forward, detached."""
+        return self._pending.detach().to(h.device)
 
 
 __all__ = ["TranscoderSplice"]
