@@ -178,11 +178,15 @@ def objective_kwargs(args, tok) -> dict:
 
 
 # ---------------------------------------------------------------------------- one-prompt commands
-def add_model_arguments(p, prompt: bool = True) -> None:
-    g = p.add_argument_group("model and SAE")
-    g.add_argument("--model", required=True, help="transformers model directory (or hub name)")
+def add_model_arguments(p, prompt: bool = True, required: bool = True, group=None) -> None:
+    """The options that build a scorer (``--model``, ``--sae``, ``--hook``, ``--mode``,
+    ``--device``, ``--dtype``, ``--backend``; ``prompt``: also ``--prompt``/``--prompt-file``,
+    ``--max-new-tokens`` and ``--json``). ``required=False`` for a command with another source
+    (``--demo``); ``group``: an argument group to add them to."""
+    g = group if group is not None else p.add_argument_group("model and SAE")
+    g.add_argument("--model", required=required, help="transformers model directory (or hub name)")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    g.add_argument("--sae", required=True,
+    g.add_argument("--sae", required=required,
                    help="SAE directory or file (any format gradsae.load_sae reads), repo_id:folder on the "
                         "Hugging Face Hub, or a SAELens release:sae_id")
     g.add_argument("--hook", default=None, help="hook name or module path (default: the SAE's hook_name)")

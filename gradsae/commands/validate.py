@@ -18,7 +18,7 @@ With --demo, the prompts are fresh key-value lookups of the demo's task cut afte
 
 from __future__ import annotations
 
-from ._model import add_objective_arguments, objective_kwargs
+from ._model import add_model_arguments, add_objective_arguments, objective_kwargs
 
 HELP = "first-order scores vs integrated gradients vs exact ablation, on your model or the demo"
 
@@ -28,17 +28,7 @@ def add_arguments(p) -> None:
     g.add_argument("--demo", action="store_true", help="use the bundled demo model, SAE and prompts")
     g.add_argument("--demo-sae", choices=("topk", "jumprelu"), default="topk",
                    help="which bundled SAE with --demo (default topk)")
-    g.add_argument("--model", default=None, help="transformers model directory (or hub name)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
-    g.add_argument("--sae", default=None, help="SAE directory or file (any format gradsae.load_sae reads)")
-    g.add_argument("--hook", default=None, help="hook name or module path (default: the SAE's hook_name)")
-    g.add_argument("--mode", choices=("splice", "error"), default="splice",
-                   help="splice: the model runs on the SAE reconstruction (default, the paper); "
-                        "error: the reconstruction error is added back")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype the model is loaded in (default float32)")
-    g.add_argument("--backend", default="auto", help="influence backend (see `gradsae info`)")
+    add_model_arguments(p, prompt=False, required=False, group=g)
     q = p.add_argument_group("prompts and methods")
     q.add_argument("--prompts-file", default=None, help="a text file, one prompt per line (not with --demo)")
     q.add_argument("--prompts", type=int, default=None,
