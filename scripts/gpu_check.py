@@ -145,7 +145,11 @@ def step_env(r: Round) -> None:
     try:
         r.steps["env"]["facts"] = json.loads(rec["log_tail"].strip().splitlines()[-1])
     except (ValueError, IndexError):
-        pass
+        return
+    if rec["status"] == "ok" and "torch" not in r.steps["env"]["facts"]:
+        rec["status"] = "failed (no torch)"
+        print(f"[gpu-check] {sys.executable} cannot import torch; run it with a Python that has torch "
+              "(make gpu-check PYTHON=.venv/bin/python)", flush=True)
 
 
 def step_install(r: Round) -> None:

@@ -57,10 +57,12 @@ def select(scorer, prompt: str, args):
                                     trigger_at=get_recipe(getattr(args, "recipe", "default")).trigger_at)
         return g.scores, g.trigger_step, torch.cat([g.prompt_ids, g.token_ids[:g.trigger_step]])
     kw = objective_kwargs(args, scorer.tokenizer) if hasattr(args, "target") else {}
-    method = getattr(args, "method", "grad")
-    mkw = {"ig": {"method": "ig", "steps": getattr(args, "steps", 16)},
-           "exact": {"method": "exact", "latents": getattr(args, "budget", 64), "budget": getattr(args, "budget", 64)},
-           }.get(method, {})
+    method = getattr(args, "method", "grad")  # ablate and steer select by the first-order score
+    mkw = {}
+    if method == "ig":
+        mkw = {"method": "ig", "steps": args.steps}
+    elif method == "exact":
+        mkw = {"method": "exact", "latents": args.budget, "budget": args.budget}
     res = scorer.score(prompt, objective=args.objective, reduce=args.reduce, sign=args.sign, **mkw, **kw)
     ids, mask = scorer.encode_batch(prompt)
     return res, None, ids[0][mask[0]].cpu()

@@ -165,7 +165,7 @@ class GradSAE:
         self.saes, self.points, self.splices = {}, {}, {}
         for h, sv in pairs:
             sv = sv if sv.device == self.device else sv.to(device=self.device)
-            if getattr(sv, "transcoder", False):  # reads hook h, stands for hook_out
+            if sv.transcoder:  # reads hook h, stands for hook_out
                 from .transcoder import TranscoderSplice
 
                 if out_dtype is not None:
@@ -286,10 +286,10 @@ class GradSAE:
         with ``"grad"``; in error mode :attr:`Attribution.error` holds the error node unless
         ``error_node=False``. See :mod:`gradsae.model.methods`.
         """
-        if method != "grad" or baseline is not None:
+        other = method != "grad" or baseline is not None
+        if other:
             self.require_one_sae(f"method={method!r}" if method != "grad" else "baseline=")
-        if len(self.splices) == 1 and (method != "grad" or baseline is not None or
-                                       (error_node and self.mode == "error" and not self.sae.transcoder)):
+        if other or (error_node and self.mode == "error" and not self.multi and not self.sae.transcoder):
             from .methods import attribute_grad, attribute_ig, check_method
 
             check_method(method, steps)
